@@ -1,0 +1,244 @@
+"""The validated UTIO configuration.
+
+Users pass it as ``additional_config={"utio": {...}}`` (offline ``LLM``) or through
+``vllm serve --enable-utio --utio-config JSON-or-path``. It is parsed once, in the
+process that builds the engine config, and again (cheaply) in each worker. Every
+error names the field, the bad value and what is allowed.
+
+Layer plans: the model has ``L`` decoder layers. A bucket runs its first ``keep_first``
+layers and its last ``keep_last`` layers and skips the span in between. Truncation
+("exit after layer a") is ``keep_last = 0``. Buckets are listed shallowest first;
+a request whose importance score is below a bucket's ``max_score`` goes to the first
+(shallowest) such bucket, otherwise to full depth. Plans must nest: a shallower
+bucket keeps no more head and no more tail layers than a deeper one, so at every
+layer the requests still running are a prefix of the deepest-first order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+UTIO_KEY = "utio"
+
+
+class UtioConfigError(ValueError):
+    """A UTIO setting is invalid; the message names the field and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BucketSpec(_Strict):
+    """One depth bucket: which layers its requests run, and which scores it takes."""
+
+    name: str = Field(min_length=1, description="Label used in stats and forced routing.")
+    max_score: float = Field(
+        gt=0.0, le=1.0, description="Requests with an importance score below this go here."
+    )
+    keep_first: int = Field(ge=1, description="Leading decoder layers this bucket runs.")
+    keep_last: int = Field(
+        default=0, ge=0, description="Trailing decoder layers this bucket runs (0 = truncation)."
+    )
+    correction: str | None = Field(
+        default=None,
+        description="Exit-correction file applied where the stream rejoins (identity if unset).",
+    )
+
+    def skipped(self, num_layers: int) -> range:
+        return range(self.keep_first, num_layers - self.keep_last)
+
+
+class SignalWeights(_Strict):
+    """Weights of the surrogate importance score's components (normalized by their sum)."""
+
+    entropy: float = Field(default=0.4, ge=0.0)
+    attention_heat: float = Field(default=0.3, ge=0.0)
+    outlier: float = Field(default=0.3, ge=0.0)
+    varentropy: float = Field(default=0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> SignalWeights:
+        if self.entropy + self.attention_heat + self.outlier + self.varentropy <= 0.0:
+            raise ValueError("at least one signal weight must be > 0")
+        return self
+
+
+class UtioConfig(_Strict):
+    """Every UTIO setting, with its default. Unknown keys are rejected."""
+
+    enabled: bool = False
+    buckets: tuple[BucketSpec, ...] = Field(
+        default=(), description="Shallow buckets, shallowest first; full depth is implicit."
+    )
+    router: Literal["surrogate", "forced"] = Field(
+        default="surrogate",
+        description="'surrogate': UTIO importance score; 'forced': a request's "
+        "SamplingParams.extra_args['utio_bucket'] names its bucket (tests, pinning).",
+    )
+    signal: SignalWeights = SignalWeights()
+    routing_layer: int | None = Field(
+        default=None,
+        ge=0,
+        description="Layer whose hidden state feeds the outlier/attention-heat terms "
+        "(default: the first layer any bucket skips).",
+    )
+    min_bucket_size: int = Field(
+        default=1, ge=1, description="Smaller buckets merge into the next deeper one."
+    )
+    depth_floor: int = Field(default=1, ge=1, description="No bucket may run fewer layers.")
+    min_batch_size: int = Field(
+        default=1, ge=1, description="Steps with fewer running requests use full depth."
+    )
+    min_saved_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Steps whose plan saves a smaller share of layer-tokens use full depth "
+        "(the split's own overhead would eat the gain).",
+    )
+    schedule: Literal["nested", "per_bucket"] = Field(
+        default="nested",
+        description="'nested': shared layers run once over a shrinking prefix; "
+        "'per_bucket': each bucket runs separately from layer 0 (the paper's schedule).",
+    )
+    execution: Literal["auto", "prefix", "gather"] = Field(
+        default="auto",
+        description="'prefix': deepest-first batch order, contiguous sub-batches; "
+        "'gather': gather/scatter rows in any order (for backends that fix the order).",
+    )
+    kv_policy: Literal["frozen_state"] = Field(
+        default="frozen_state",
+        description="What skipped layers write into the paged KV cache.",
+    )
+    route_prefill: bool = Field(
+        default=False, description="Route prefill tokens too (evaluation mode)."
+    )
+    stats_log_interval_s: float = Field(
+        default=10.0, ge=0.0, description="Seconds between stats log lines (0 = off)."
+    )
+
+    @model_validator(mode="after")
+    def _buckets_nest(self) -> UtioConfig:
+        names = [b.name for b in self.buckets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"bucket names must be unique, got {names}")
+        for i, (shallow, deep) in enumerate(zip(self.buckets, self.buckets[1:], strict=False)):
+            if not shallow.max_score < deep.max_score:
+                raise ValueError(
+                    f"buckets must be listed shallowest first with increasing max_score; "
+                    f"buckets[{i}].max_score={shallow.max_score} >= "
+                    f"buckets[{i + 1}].max_score={deep.max_score}"
+                )
+            if shallow.keep_first > deep.keep_first or shallow.keep_last > deep.keep_last:
+                raise ValueError(
+                    f"plans must nest: buckets[{i}] keeps ({shallow.keep_first} first, "
+                    f"{shallow.keep_last} last) layers but the deeper buckets[{i + 1}] keeps "
+                    f"({deep.keep_first}, {deep.keep_last}); a shallower bucket may keep no "
+                    "more head or tail layers than a deeper one"
+                )
+        return self
+
+    def check_against_model(self, num_layers: int) -> None:
+        """Checks that need the model's depth; raises UtioConfigError."""
+        for i, b in enumerate(self.buckets):
+            kept = b.keep_first + b.keep_last
+            if kept > num_layers:
+                raise UtioConfigError(
+                    f"UTIO config field 'buckets[{i}]' ({b.name!r}): keep_first + keep_last = "
+                    f"{kept} exceeds the model's {num_layers} decoder layers; allowed: at most "
+                    f"{num_layers}"
+                )
+            if kept < self.depth_floor:
+                raise UtioConfigError(
+                    f"UTIO config field 'buckets[{i}]' ({b.name!r}): runs {kept} layers, below "
+                    f"depth_floor={self.depth_floor}; allowed: keep_first + keep_last >= "
+                    f"{self.depth_floor}"
+                )
+        if self.routing_layer is not None and self.routing_layer >= num_layers:
+            raise UtioConfigError(
+                f"UTIO config field 'routing_layer': value {self.routing_layer} is beyond the "
+                f"model's {num_layers} layers; allowed: 0..{num_layers - 1}"
+            )
+        if self.depth_floor > num_layers:
+            raise UtioConfigError(
+                f"UTIO config field 'depth_floor': value {self.depth_floor} exceeds the model's "
+                f"{num_layers} layers; allowed: 1..{num_layers}"
+            )
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in e["loc"])
+        loc = loc.replace(".[", "[")
+        where = f"field '{loc}'" if loc else "config"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(e["loc"][:-1])
+            lines.append(f"{where}: unknown key; allowed keys: {', '.join(allowed)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: value {e.get('input')!r} is invalid: {msg}")
+    return "Invalid UTIO config: " + "; ".join(lines)
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = UtioConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        ann = model.model_fields[part].annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if _is_model(a)), None)
+        if sub is None:
+            break
+        model = sub
+    return sorted(model.model_fields)
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def parse_utio_config(raw: Any) -> UtioConfig:
+    """Parse a dict (or None) into a UtioConfig, raising UtioConfigError on bad input."""
+    if raw is None:
+        return UtioConfig()
+    if isinstance(raw, UtioConfig):
+        return raw
+    if not isinstance(raw, dict):
+        raise UtioConfigError(
+            f"Invalid UTIO config: expected a JSON object, got {type(raw).__name__}: {raw!r}"
+        )
+    try:
+        return UtioConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UtioConfigError(_format_validation_error(err)) from None
+
+
+def load_utio_config_arg(value: str) -> dict[str, Any]:
+    """The --utio-config value: inline JSON, or a path to a JSON file."""
+    text = value.strip()
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise UtioConfigError(
+                f"--utio-config: {value!r} is neither inline JSON (starting with '{{') nor "
+                "an existing JSON file"
+            )
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise UtioConfigError(f"--utio-config: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UtioConfigError("--utio-config: expected a JSON object")
+    return data
+
+
+def utio_config_from_additional(additional_config: dict[str, Any] | None) -> UtioConfig:
+    """The UTIO config inside vLLM's ``additional_config`` (disabled if absent)."""
+    return parse_utio_config((additional_config or {}).get(UTIO_KEY))

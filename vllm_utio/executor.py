@@ -1,0 +1,244 @@
+"""The layer loop over depth sub-batches (one step of one model).
+
+Input: the step's tokens, a depth level per request row, and a way to get attention
+metadata for any set of rows. Each layer runs once, on exactly the rows whose plan
+includes it, as one sub-batch; rows that skip a layer still get that layer's K/V
+written from their frozen residual stream. Rows rejoining the tail after a skipped
+span (or reaching the final norm after truncation) pass through their level's exit
+correction. Output: final-normed hidden states for every token, in the step's order.
+
+Two schedules: ``nested`` (shared layers run once over a shrinking prefix) and
+``per_bucket`` (the UTIO paper's: each level runs separately from layer 0).
+Rows of a sub-batch are a slice when the batch is ordered deepest first ("prefix")
+and an index set otherwise ("gather"): the same code handles both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_utio.corrections import Correction
+from vllm_utio.integration.attention import SubBatch
+from vllm_utio.integration.model_stack import DecoderStack
+from vllm_utio.plans import PlanSet
+
+
+@dataclass
+class StepResult:
+    hidden: torch.Tensor
+    kv_fill_layer_tokens: int = 0
+    metadata_s: float = 0.0
+    heat_inputs: dict[str, Any] = field(default_factory=dict)  # routing-layer attention
+
+
+@dataclass
+class StepPlan:
+    """What the runner hands the executor for one step."""
+
+    levels: np.ndarray  # level per row, persistent-batch order
+    query_start_loc: np.ndarray  # [rows + 1] token offsets per row
+    make_sub_batch: Callable[[np.ndarray], SubBatch]
+    use_sub_batch: Callable[[SubBatch], AbstractContextManager]
+    full: SubBatch  # every row, with the step's own metadata
+    step_slot_mapping: dict[str, torch.Tensor]
+
+
+def _take(t: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    return t[sel]
+
+
+def _put(dst: torch.Tensor, sel: slice | torch.Tensor, src: torch.Tensor) -> None:
+    if isinstance(sel, slice):
+        dst[sel].copy_(src)
+    else:
+        dst.index_copy_(0, sel, src)
+
+
+class DepthExecutor:
+    def __init__(
+        self,
+        stack: DecoderStack,
+        plan_set: PlanSet,
+        corrections: list[Correction | None],
+        schedule: str,
+        heat_layer: int,
+    ) -> None:
+        self.stack = stack
+        self.plan_set = plan_set
+        self.corrections = corrections  # per level (index 0 = full depth, always None)
+        self.schedule = schedule
+        self.heat_layer = heat_layer
+
+    def run(self, input_ids, positions, inputs_embeds, plan: StepPlan) -> StepResult:
+        hidden = self.stack.embed(input_ids, inputs_embeds)
+        if self.schedule == "per_bucket":
+            return self._run_per_bucket(hidden, positions, plan)
+        return self._run_nested(hidden, positions, plan)
+
+    # --- nested schedule -------------------------------------------------------
+    def _run_nested(self, hidden, positions, plan: StepPlan) -> StepResult:
+        result = StepResult(hidden)
+        subs: dict[int, SubBatch] = {}
+        skips: dict[int, torch.Tensor | slice | None] = {}
+        residual: torch.Tensor | None = None
+        for layer in range(self.stack.num_layers):
+            n = self.plan_set.levels_running(layer)
+            if n not in subs:
+                t0 = time.perf_counter()
+                subs[n], skips[n] = self._sub_batches_for(n, plan)
+                result.metadata_s += time.perf_counter() - t0
+            sub = subs[n]
+            if residual is not None:
+                self._apply_rejoin_corrections(layer, hidden, residual, plan)
+                if skips[n] is not None:
+                    result.kv_fill_layer_tokens += self._fill_skipped(
+                        layer, hidden, residual, positions, skips[n], plan
+                    )
+            if sub.num_tokens == 0:
+                continue
+            hidden, residual = self._run_layer(
+                layer, sub, hidden, residual, positions, plan, result
+            )
+        self._apply_final_corrections(hidden, residual, plan)
+        result.hidden = self.stack.final_norm(hidden, residual)
+        return result
+
+    def _sub_batches_for(self, n: int, plan: StepPlan):
+        """Sub-batch of rows at levels < n, and the token selector of the others."""
+        if n >= self.plan_set.num_levels:
+            return plan.full, None
+        running = np.flatnonzero(plan.levels < n)
+        skipped = np.flatnonzero(plan.levels >= n)
+        sub = plan.make_sub_batch(running) if len(running) else _empty_sub(running)
+        return sub, _selector(skipped, plan.query_start_loc)
+
+    def _run_layer(self, layer, sub: SubBatch, hidden, residual, positions, plan, result):
+        capture = layer == self.heat_layer
+        sink: dict[str, Any] = {}
+        with (
+            plan.use_sub_batch(sub),
+            self.stack.capture_attention(layer, sink) if capture else _null(),
+        ):
+            if sub is plan.full:
+                hidden, residual = self.stack.run_layer(layer, positions, hidden, residual)
+            else:
+                sel = _device_sel(sub.tokens, hidden.device)
+                h_out, r_out = self.stack.run_layer(
+                    layer,
+                    _take(positions, sel),
+                    _take(hidden, sel),
+                    _take(residual, sel) if residual is not None else None,
+                )
+                if residual is None:  # layer 0 always runs every row, so never here
+                    raise RuntimeError("UTIO: layer 0 must run every row")
+                _put(hidden, sel, h_out)
+                _put(residual, sel, r_out)
+        if capture:
+            sink["tokens"] = sub.tokens
+            result.heat_inputs = sink
+        return hidden, residual
+
+    def _fill_skipped(self, layer, hidden, residual, positions, skip_sel, plan) -> int:
+        sel = _device_sel(skip_sel, hidden.device)
+        stream = _take(hidden, sel) + _take(residual, sel)
+        name = self.stack.layer_name(layer)
+        slots = plan.step_slot_mapping[name][sel]
+        self.stack.write_skipped_kv(layer, _take(positions, sel), stream, slots)
+        return int(stream.shape[0])
+
+    def _rows_tokens(self, levels_mask: np.ndarray, plan: StepPlan):
+        rows = np.flatnonzero(levels_mask)
+        return _selector(rows, plan.query_start_loc) if len(rows) else None
+
+    def _apply_rejoin_corrections(self, layer, hidden, residual, plan: StepPlan) -> None:
+        for level, plan_k in enumerate(self.plan_set.plans):
+            corr = self.corrections[level]
+            if corr is None or plan_k.is_full or plan_k.skip_stop != layer:
+                continue
+            self._correct(level, corr, hidden, residual, plan)
+
+    def _apply_final_corrections(self, hidden, residual, plan: StepPlan) -> None:
+        for level, plan_k in enumerate(self.plan_set.plans):
+            corr = self.corrections[level]
+            if corr is not None and not plan_k.is_full and plan_k.skip_stop == plan_k.num_layers:
+                self._correct(level, corr, hidden, residual, plan)
+
+    def _correct(self, level, corr: Correction, hidden, residual, plan: StepPlan) -> None:
+        sel = self._rows_tokens(plan.levels == level, plan)
+        if sel is None:
+            return
+        sel = _device_sel(sel, hidden.device)
+        stream = _take(hidden, sel) + _take(residual, sel)
+        _put(hidden, sel, _take(hidden, sel) + corr.delta(stream))
+
+    # --- per-bucket schedule (the paper's) --------------------------------------
+    def _run_per_bucket(self, hidden, positions, plan: StepPlan) -> StepResult:
+        result = StepResult(hidden)
+        out = torch.empty_like(hidden)
+        for level, plan_k in enumerate(self.plan_set.plans):
+            rows = np.flatnonzero(plan.levels == level)
+            if not len(rows):
+                continue
+            t0 = time.perf_counter()
+            sub = plan.full if len(rows) == len(plan.levels) else plan.make_sub_batch(rows)
+            result.metadata_s += time.perf_counter() - t0
+            sel = _device_sel(sub.tokens, hidden.device)
+            h = _take(hidden, sel).clone()
+            pos = _take(positions, sel)
+            res: torch.Tensor | None = None
+            for layer in range(self.stack.num_layers):
+                if not plan_k.runs(layer):
+                    assert res is not None
+                    stream = h + res
+                    slots = plan.step_slot_mapping[self.stack.layer_name(layer)][sel]
+                    self.stack.write_skipped_kv(layer, pos, stream, slots)
+                    result.kv_fill_layer_tokens += int(stream.shape[0])
+                    continue
+                if res is not None and layer == plan_k.skip_stop and self.corrections[level]:
+                    h = h + self.corrections[level].delta(h + res)
+                with plan.use_sub_batch(sub):
+                    h, res = self.stack.run_layer(layer, pos, h, res)
+            if (
+                plan_k.skip_stop == plan_k.num_layers
+                and self.corrections[level]
+                and res is not None
+            ):
+                h = h + self.corrections[level].delta(h + res)
+            _put(out, sel, self.stack.final_norm(h, res))
+        result.hidden = out
+        return result
+
+
+def _selector(rows: np.ndarray, query_start_loc: np.ndarray) -> slice | torch.Tensor:
+    from vllm_utio.integration.attention import token_selector
+
+    sel = token_selector(rows, query_start_loc)
+    if isinstance(sel, slice):
+        return sel
+    # rows at the end of a deepest-first batch are a contiguous tail: keep it a slice
+    if len(sel) and sel[-1] - sel[0] + 1 == len(sel):
+        return slice(int(sel[0]), int(sel[-1]) + 1)
+    return torch.as_tensor(sel, dtype=torch.long)
+
+
+def _device_sel(sel, device) -> slice | torch.Tensor:
+    return sel if isinstance(sel, slice) else sel.to(device)
+
+
+def _empty_sub(rows: np.ndarray) -> SubBatch:
+    return SubBatch(rows, slice(0, 0), 0, {}, {})
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None

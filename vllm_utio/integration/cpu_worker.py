@@ -1,0 +1,33 @@
+"""The UTIO worker and model runner for vLLM's CPU platform (tested here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from vllm_utio.integration.runner import UtioRunnerMixin
+from vllm_utio.integration.version import check_vllm_version
+from vllm_utio.integration.worker_rpc import UtioWorkerRpcMixin
+
+
+class UtioCPUModelRunner(UtioRunnerMixin, CPUModelRunner):
+    def __init__(self, vllm_config: Any, device: torch.device) -> None:
+        super().__init__(vllm_config, device)
+        self._utio_init()
+
+
+class UtioCPUWorker(UtioWorkerRpcMixin, CPUWorker):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_vllm_version()
+        super().__init__(*args, **kwargs)
+
+    def init_device(self) -> None:
+        super().init_device()
+        if self.use_v2_model_runner:
+            raise RuntimeError("UTIO needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+        # CPUWorker builds its runner inline; replace it with ours (construction is cheap:
+        # no model or KV cache exists yet at this point).
+        self.model_runner = UtioCPUModelRunner(self.vllm_config, torch.device("cpu"))

@@ -1,0 +1,295 @@
+"""UTIO's model-runner mixin, shared by the CPU and GPU runner subclasses.
+
+Per step (``execute_model``):
+1. ``_may_reorder_batch`` (inside ``_update_states``): score each request from its
+   previous step, route it to a depth level, apply bucketing rules, and (prefix
+   execution) reorder the persistent batch deepest first with vLLM's own swap, so
+   logits and sampling follow the new order without an un-permute.
+2. ``_build_attention_metadata`` runs as usual; a recorder keeps the step's common
+   attention metadata so sub-batches can be built from it.
+3. ``_model_forward``: the :class:`~vllm_utio.executor.DepthExecutor` runs the layers.
+4. ``sample_tokens``: before sampling, this step's logits and hidden states become the
+   next step's importance signals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm_utio.config import UtioConfig, utio_config_from_additional
+from vllm_utio.corrections import Correction, load_correction
+from vllm_utio.executor import DepthExecutor, StepPlan
+from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
+from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
+from vllm_utio.plans import PlanSet
+from vllm_utio.routing import signals
+from vllm_utio.routing.bucketing import (
+    deepest_first_order,
+    finalize_levels,
+    swaps_for_permutation,
+    tokens_per_level,
+)
+from vllm_utio.routing.routers import RoutingBatch, make_router
+from vllm_utio.stats import StatsLogger, UtioStats
+
+logger = logging.getLogger("vllm_utio")
+
+
+class UtioRunnerMixin:
+    """Mixed in before vLLM's runner class: ``class X(UtioRunnerMixin, CPUModelRunner)``."""
+
+    # --- set-up ------------------------------------------------------------------
+    def _utio_init(self) -> None:
+        self.utio_cfg: UtioConfig = utio_config_from_additional(self.vllm_config.additional_config)
+        self.utio_stats = UtioStats()
+        self._utio_log = StatsLogger(self.utio_cfg.stats_log_interval_s)
+        self._utio_signals: dict[str, dict[str, float]] = {}
+        self._utio_levels: np.ndarray | None = None
+        self._utio_recorder = StepMetadataRecorder()
+        self._utio_executor: DepthExecutor | None = None
+        self._utio_route_s = 0.0
+
+    def load_model(self, *args: Any, **kwargs: Any) -> None:
+        super().load_model(*args, **kwargs)
+        self._utio_setup_model()
+
+    def _utio_setup_model(self) -> None:
+        cfg = self.utio_cfg
+        stack = DecoderStack.from_causal_lm(self.model)
+        num_layers = stack.num_layers
+        cfg.check_against_model(num_layers)
+        self.utio_plans = PlanSet.from_config(cfg, num_layers)
+        self.utio_stats.level_names = [p.name for p in self.utio_plans.plans]
+        corrections: list[Correction | None] = [None]
+        hidden_size = self.model_config.get_hidden_size()
+        for bucket in reversed(cfg.buckets):
+            corrections.append(
+                load_correction(
+                    bucket.correction, hidden_size, self.model_config.dtype, self.device
+                )
+                if bucket.correction
+                else None
+            )
+        self._utio_executor = DepthExecutor(
+            stack, self.utio_plans, corrections, cfg.schedule, self._utio_heat_layer(num_layers)
+        )
+        self._utio_num_kv_heads = stack.num_kv_heads()
+        self._utio_router = make_router(cfg)
+        logger.info(
+            "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
+            num_layers,
+            [(p.name, p.num_run) for p in self.utio_plans.plans],
+            cfg.router,
+            cfg.schedule,
+            self._utio_execution(),
+        )
+
+    def _utio_heat_layer(self, num_layers: int) -> int:
+        """The attention-heat layer: configured, else the last layer every level runs."""
+        if self.utio_cfg.routing_layer is not None:
+            return self.utio_cfg.routing_layer
+        if not self.utio_cfg.buckets:
+            return num_layers // 2
+        return max(0, min(b.keep_first for b in self.utio_cfg.buckets) - 1)
+
+    def initialize_kv_cache(self, *args: Any, **kwargs: Any) -> None:
+        super().initialize_kv_cache(*args, **kwargs)
+        if len(self.kv_cache_config.kv_cache_groups) != 1:
+            raise UnsupportedModelError(
+                "UTIO supports models with one KV-cache group (uniform full attention); this "
+                f"model has {len(self.kv_cache_config.kv_cache_groups)}"
+            )
+        self._utio_recorder.install(self.attn_groups)
+
+    def _utio_execution(self) -> str:
+        mode = self.utio_cfg.execution
+        if mode == "auto":
+            # Backends that reorder decodes first keep their order: gather/scatter then.
+            return "gather" if self.reorder_batch_threshold is not None else "prefix"
+        return mode
+
+    # --- routing (before the step) ------------------------------------------------
+    def _may_reorder_batch(self, scheduler_output: Any) -> None:
+        super()._may_reorder_batch(scheduler_output)
+        t0 = time.perf_counter()
+        levels = self._utio_route(scheduler_output)
+        if self._utio_execution() == "prefix" and levels.any():
+            order = deepest_first_order(levels)
+            for a, b in swaps_for_permutation(order):
+                self.input_batch.swap_states(a, b)
+            levels = levels[order]
+        self._utio_levels = levels
+        self._utio_route_s = time.perf_counter() - t0
+
+    def _utio_route(self, scheduler_output: Any) -> np.ndarray:
+        cfg = self.utio_cfg
+        n = self.input_batch.num_reqs
+        req_ids = list(self.input_batch.req_ids[:n])
+        scheduled = scheduler_output.num_scheduled_tokens
+        tokens = np.array([scheduled.get(r, 0) for r in req_ids], dtype=np.int64)
+        if not cfg.buckets or n == 0:
+            return np.zeros(n, dtype=np.int64)
+        routable = np.zeros(n, dtype=bool)
+        scores = np.full(n, np.nan)
+        extra: list[dict[str, Any] | None] = []
+        for i, req_id in enumerate(req_ids):
+            state = self.requests[req_id]
+            decoding = state.num_computed_tokens >= state.num_prompt_tokens and tokens[i] == 1
+            routable[i] = decoding or cfg.route_prefill
+            sig = self._utio_signals.get(req_id)
+            if sig is not None:
+                scores[i] = self._utio_score(sig)
+            params = state.sampling_params
+            extra.append(params.extra_args if params is not None else None)
+        desired = self._utio_router.route(RoutingBatch(req_ids, scores, extra))
+        return finalize_levels(desired, routable, tokens, self.utio_plans, cfg)
+
+    def _utio_score(self, sig: dict[str, float]) -> float:
+        comps = {k: torch.tensor([v]) for k, v in sig.items() if not np.isnan(v)}
+        try:
+            return float(signals.combine(comps, self.utio_cfg.signal)[0])
+        except ValueError:
+            return float("nan")
+
+    # --- the step ----------------------------------------------------------------
+    def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        self._utio_recorder.reset()
+        self._utio_levels = None
+        return super().execute_model(scheduler_output, *args, **kwargs)
+
+    def _model_forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        intermediate_tensors: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        cm = self._utio_recorder.common
+        levels = self._utio_levels
+        if (
+            self._utio_executor is None
+            or levels is None
+            or cm is None
+            or model_kwargs
+            or intermediate_tensors is not None
+            or len(levels) != cm.num_reqs
+        ):
+            return super()._model_forward(
+                input_ids=input_ids,
+                positions=positions,
+                intermediate_tensors=intermediate_tensors,
+                inputs_embeds=inputs_embeds,
+                **model_kwargs,
+            )
+        plan = self._utio_step_plan(cm, levels)
+        t0 = time.perf_counter()
+        result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
+        forward_s = time.perf_counter() - t0
+        self._utio_heat = self._utio_heat_per_row(result.heat_inputs, plan.query_start_loc)
+        self._utio_record(levels, plan.query_start_loc, result, forward_s)
+        return result.hidden
+
+    def _utio_step_plan(self, cm: Any, levels: np.ndarray) -> StepPlan:
+        from vllm.forward_context import get_forward_context, override_forward_context
+
+        ctx = get_forward_context()
+        qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
+        step_slots = ctx.slot_mapping
+        full = SubBatch(
+            np.arange(cm.num_reqs),
+            slice(0, int(qsl[-1])),
+            int(qsl[-1]),
+            ctx.attn_metadata,
+            step_slots,
+        )
+
+        def make_sub_batch(rows: np.ndarray) -> SubBatch:
+            self._utio_recorder.recording = False
+            try:
+                return build_sub_batch(cm, rows, self.attn_groups, step_slots)
+            finally:
+                self._utio_recorder.recording = True
+
+        def use_sub_batch(sub: SubBatch):
+            if sub is full:
+                return contextlib.nullcontext()
+            swapped = dataclasses.replace(
+                ctx, attn_metadata=sub.attn_metadata, slot_mapping=sub.slot_mapping
+            )
+            return override_forward_context(swapped)
+
+        return StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
+
+    def _utio_heat_per_row(self, heat_inputs: dict[str, Any], qsl: np.ndarray) -> np.ndarray:
+        heat = np.full(len(qsl) - 1, np.nan)
+        if not heat_inputs or self.utio_cfg.signal.attention_heat == 0.0:
+            return heat
+        per_token = np.full(int(qsl[-1]), np.nan)
+        values = signals.attention_heat(
+            heat_inputs["output"], heat_inputs["value"], self._utio_num_kv_heads
+        )
+        tokens = heat_inputs["tokens"]
+        idx = np.arange(int(qsl[-1]))[tokens] if isinstance(tokens, slice) else tokens.numpy()
+        per_token[idx] = values.cpu().numpy()
+        return per_token[qsl[1:] - 1]
+
+    def _utio_record(self, levels, qsl, result, forward_s: float) -> None:
+        stats = self.utio_stats
+        tokens = np.diff(qsl)
+        per_level = tokens_per_level(levels, tokens, self.utio_plans)
+        rows = [int((levels == k).sum()) for k in range(self.utio_plans.num_levels)]
+        stats.record_step(
+            rows, per_level, self.utio_plans.layer_tokens(per_level), result.kv_fill_layer_tokens
+        )
+        stats.routing_s += self._utio_route_s
+        stats.metadata_s += result.metadata_s
+        stats.forward_s += forward_s - result.metadata_s
+        self._utio_log.maybe_log(stats)
+
+    # --- signals (after the step, before sampling) ----------------------------------
+    def sample_tokens(self, grammar_output: Any) -> Any:
+        state = self.execute_model_state
+        if state is not None and self._utio_executor is not None and self.utio_cfg.buckets:
+            t0 = time.perf_counter()
+            self._utio_update_signals(state)
+            self.utio_stats.routing_s += time.perf_counter() - t0
+        return super().sample_tokens(grammar_output)
+
+    def _utio_update_signals(self, state: Any) -> None:
+        if self.utio_cfg.router == "forced" or state.spec_decode_metadata is not None:
+            return
+        w = self.utio_cfg.signal
+        n = self.input_batch.num_reqs
+        logits = state.logits[:n]
+        comps: dict[str, np.ndarray] = {}
+        if w.entropy or w.varentropy:
+            ent, var = signals.entropy_and_varentropy(logits)
+            comps["entropy"], comps["varentropy"] = ent.cpu().numpy(), var.cpu().numpy()
+        if w.outlier:
+            comps["outlier"] = signals.outlierness(state.sample_hidden_states[:n]).cpu().numpy()
+        heat = getattr(self, "_utio_heat", None)
+        if w.attention_heat and heat is not None and len(heat) == n:
+            comps["attention_heat"] = heat
+        for i, req_id in enumerate(self.input_batch.req_ids[:n]):
+            self._utio_signals[req_id] = {k: float(v[i]) for k, v in comps.items()}
+
+    def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
+        super()._on_request_state_removed(req_id, req_state)
+        self._utio_signals.pop(req_id, None)
+
+    # --- RPC-facing ----------------------------------------------------------------
+    def utio_stats_dict(self, reset: bool = False) -> dict[str, Any]:
+        out = self.utio_stats.as_dict()
+        out["runner_class"] = type(self).__name__
+        if reset:
+            names = self.utio_stats.level_names
+            self.utio_stats = UtioStats(level_names=names)
+        return out

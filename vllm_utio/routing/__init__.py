@@ -1,0 +1,1 @@
+"""Importance signals, routers (score requests -> depth levels) and bucketing."""

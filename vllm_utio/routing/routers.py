@@ -1,0 +1,83 @@
+"""Routers: one interface from a step's requests to desired depth levels.
+
+A router sees a :class:`RoutingBatch` (per-row request data of the persistent batch)
+and returns a desired level per row (0 = full depth). Bucketing rules (prefill, min
+sizes, fallbacks) are applied afterwards by :mod:`.bucketing`, so a router only
+expresses preference. New routers (learned probes) implement the same ``route``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from vllm_utio.config import UtioConfig
+from vllm_utio.routing.bucketing import levels_from_scores
+
+logger = logging.getLogger(__name__)
+FORCED_KEY = "utio_bucket"
+
+
+@dataclass
+class RoutingBatch:
+    """What a router may look at for one step, one entry per row of the batch."""
+
+    req_ids: list[str]
+    scores: np.ndarray  # surrogate score per row (NaN where unknown)
+    extra_args: list[dict[str, Any] | None] = field(default_factory=list)
+
+
+class Router(Protocol):
+    def route(self, batch: RoutingBatch) -> np.ndarray: ...
+
+
+class SurrogateRouter:
+    """UTIO's rule: a low surrogate importance score sends a request shallower."""
+
+    def __init__(self, cfg: UtioConfig) -> None:
+        self.max_scores = [b.max_score for b in cfg.buckets]
+
+    def route(self, batch: RoutingBatch) -> np.ndarray:
+        scores = np.nan_to_num(batch.scores, nan=np.inf)  # unknown -> full depth
+        return levels_from_scores(scores, self.max_scores)
+
+
+class ForcedRouter:
+    """Each request names its bucket in ``SamplingParams.extra_args['utio_bucket']``.
+
+    For tests and for pinning a request's depth; unnamed requests run full depth.
+    """
+
+    def __init__(self, cfg: UtioConfig) -> None:
+        n = len(cfg.buckets)
+        self.level_of = {b.name: n - i for i, b in enumerate(cfg.buckets)}
+        self.level_of["full"] = 0
+        self._warned: set[str] = set()
+
+    def route(self, batch: RoutingBatch) -> np.ndarray:
+        levels = np.zeros(len(batch.req_ids), dtype=np.int64)
+        for row, extra in enumerate(batch.extra_args):
+            name = (extra or {}).get(FORCED_KEY)
+            if name is None:
+                continue
+            level = self.level_of.get(str(name))
+            if level is None:
+                if name not in self._warned:
+                    self._warned.add(name)
+                    logger.warning(
+                        "UTIO forced router: unknown bucket %r (allowed: %s); running full depth",
+                        name,
+                        sorted(self.level_of),
+                    )
+                continue
+            levels[row] = level
+        return levels
+
+
+def make_router(cfg: UtioConfig) -> Router:
+    if cfg.router == "forced":
+        return ForcedRouter(cfg)
+    return SurrogateRouter(cfg)

@@ -1,0 +1,86 @@
+"""Per-step UTIO statistics, accumulated in the worker and read through an RPC."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+logger = logging.getLogger("vllm_utio")
+
+
+@dataclass
+class UtioStats:
+    """Totals since engine start (or the last reset)."""
+
+    steps: int = 0
+    routed_steps: int = 0  # steps where at least one row ran below full depth
+    rows_per_level: list[int] = field(default_factory=list)
+    tokens_per_level: list[int] = field(default_factory=list)
+    layer_tokens_run: int = 0
+    layer_tokens_full: int = 0
+    kv_fill_layer_tokens: int = 0  # K/V written for skipped layers
+    routing_s: float = 0.0  # signal + router + bucketing + batch reorder
+    metadata_s: float = 0.0  # sub-batch attention metadata builds
+    forward_s: float = 0.0  # the layer loop, including KV fill
+    level_names: list[str] = field(default_factory=list)
+
+    def record_step(
+        self,
+        rows_per_level: list[int],
+        tokens_per_level: list[int],
+        layer_tokens: tuple[int, int],
+        kv_fill: int,
+    ) -> None:
+        if not self.rows_per_level:
+            self.rows_per_level = [0] * len(rows_per_level)
+            self.tokens_per_level = [0] * len(tokens_per_level)
+        self.steps += 1
+        self.routed_steps += int(any(rows_per_level[1:]))
+        for i, n in enumerate(rows_per_level):
+            self.rows_per_level[i] += n
+        for i, n in enumerate(tokens_per_level):
+            self.tokens_per_level[i] += n
+        self.layer_tokens_run += layer_tokens[0]
+        self.layer_tokens_full += layer_tokens[1]
+        self.kv_fill_layer_tokens += kv_fill
+
+    @property
+    def saved_fraction(self) -> float:
+        if not self.layer_tokens_full:
+            return 0.0
+        return 1.0 - self.layer_tokens_run / self.layer_tokens_full
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["layer_tokens_saved"] = self.layer_tokens_full - self.layer_tokens_run
+        d["saved_fraction"] = self.saved_fraction
+        return d
+
+
+class StatsLogger:
+    """Logs a one-line summary at most every ``interval_s`` seconds (0 = never)."""
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._last = time.monotonic()
+
+    def maybe_log(self, stats: UtioStats) -> None:
+        if self.interval_s <= 0 or time.monotonic() - self._last < self.interval_s:
+            return
+        self._last = time.monotonic()
+        per_level = ", ".join(
+            f"{name}={n}"
+            for name, n in zip(stats.level_names, stats.tokens_per_level, strict=False)
+        )
+        logger.info(
+            "UTIO: %d steps (%d routed), tokens per level [%s], layer-tokens saved %.1f%%, "
+            "routing %.1f ms, metadata %.1f ms, forward %.1f ms",
+            stats.steps,
+            stats.routed_steps,
+            per_level,
+            100 * stats.saved_fraction,
+            1e3 * stats.routing_s,
+            1e3 * stats.metadata_s,
+            1e3 * stats.forward_s,
+        )
