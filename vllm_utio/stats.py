@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import asdict, dataclass, field
 
-logger = logging.getLogger("vllm_utio")
+from vllm_utio.log import get_logger
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -25,6 +26,11 @@ class UtioStats:
     forward_s: float = 0.0  # the layer loop, including KV fill
     level_names: list[str] = field(default_factory=list)
 
+    @classmethod
+    def for_levels(cls, level_names: list[str]) -> UtioStats:
+        n = len(level_names)
+        return cls(rows_per_level=[0] * n, tokens_per_level=[0] * n, level_names=list(level_names))
+
     def record_step(
         self,
         rows_per_level: list[int],
@@ -32,9 +38,6 @@ class UtioStats:
         layer_tokens: tuple[int, int],
         kv_fill: int,
     ) -> None:
-        if not self.rows_per_level:
-            self.rows_per_level = [0] * len(rows_per_level)
-            self.tokens_per_level = [0] * len(tokens_per_level)
         self.steps += 1
         self.routed_steps += int(any(rows_per_level[1:]))
         for i, n in enumerate(rows_per_level):

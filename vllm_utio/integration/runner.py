@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import time
 from typing import Any
 
@@ -28,6 +27,7 @@ from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
 from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
+from vllm_utio.log import get_logger
 from vllm_utio.plans import PlanSet
 from vllm_utio.routing import signals
 from vllm_utio.routing.bucketing import (
@@ -39,7 +39,7 @@ from vllm_utio.routing.bucketing import (
 from vllm_utio.routing.routers import RoutingBatch, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
 
-logger = logging.getLogger("vllm_utio")
+logger = get_logger(__name__)
 
 
 class UtioRunnerMixin:
@@ -66,7 +66,7 @@ class UtioRunnerMixin:
         num_layers = stack.num_layers
         cfg.check_against_model(num_layers)
         self.utio_plans = PlanSet.from_config(cfg, num_layers)
-        self.utio_stats.level_names = [p.name for p in self.utio_plans.plans]
+        self.utio_stats = UtioStats.for_levels([p.name for p in self.utio_plans.plans])
         corrections: list[Correction | None] = [None]
         hidden_size = self.model_config.get_hidden_size()
         for bucket in reversed(cfg.buckets):
@@ -290,6 +290,5 @@ class UtioRunnerMixin:
         out = self.utio_stats.as_dict()
         out["runner_class"] = type(self).__name__
         if reset:
-            names = self.utio_stats.level_names
-            self.utio_stats = UtioStats(level_names=names)
+            self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)
         return out

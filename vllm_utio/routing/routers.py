@@ -8,16 +8,16 @@ expresses preference. New routers (learned probes) implement the same ``route``.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from vllm_utio.config import UtioConfig
+from vllm_utio.log import get_logger
 from vllm_utio.routing.bucketing import levels_from_scores
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 FORCED_KEY = "utio_bucket"
 
 

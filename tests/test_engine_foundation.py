@@ -1,0 +1,105 @@
+"""Foundation, end to end on real vLLM: plugin loading, worker swap, token identity."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import BUCKETS, ENGINE_KW, make_llm, model_path
+from prompts import PROMPTS
+
+from vllm_utio.config import UtioConfigError
+
+pytestmark = pytest.mark.engine
+MAX_TOKENS = 24
+
+
+def greedy(llm, prompts=PROMPTS, extra_args=None, max_tokens=MAX_TOKENS):
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            temperature=0.0,
+            max_tokens=max_tokens,
+            ignore_eos=True,
+            extra_args=extra_args[i] if extra_args else None,
+        )
+        for i in range(len(prompts))
+    ]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _worker_facts(wrapper) -> dict:
+    import sys as worker_sys
+
+    worker = getattr(wrapper, "worker", wrapper)  # vLLM passes its WorkerWrapperBase
+    return {
+        "plugin_loaded": "vllm_utio" in worker_sys.modules,
+        "worker": type(worker).__name__,
+        "runner": type(worker.model_runner).__name__,
+    }
+
+
+def test_plugin_loaded_in_worker_but_nothing_swapped_when_off(vanilla_llm):
+    facts = vanilla_llm.collective_rpc(_worker_facts)
+    assert facts == [{"plugin_loaded": True, "worker": "CPUWorker", "runner": "CPUModelRunner"}]
+
+
+def test_utio_worker_and_runner_in_use_when_on(forced_llm):
+    assert forced_llm.collective_rpc("utio_classes") == [
+        {"worker": "UtioCPUWorker", "model_runner": "UtioCPUModelRunner"}
+    ]
+    assert forced_llm.collective_rpc(_worker_facts)[0]["plugin_loaded"]
+
+
+def test_utio_off_matches_vllm_without_plugin(vanilla_llm, tmp_path: Path):
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps(PROMPTS))
+    out_file = tmp_path / "out.json"
+    env = {**os.environ, "VLLM_PLUGINS": "no-such-plugin"}
+    helper = Path(__file__).parent / "helpers" / "greedy_tokens.py"
+    kw = {**ENGINE_KW, "model": model_path()}
+    subprocess.run(
+        [
+            sys.executable,
+            str(helper),
+            str(prompts_file),
+            str(out_file),
+            str(MAX_TOKENS),
+            json.dumps(kw),
+        ],
+        env=env,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    baseline = json.loads(out_file.read_text())
+    assert baseline["plugin"] is False
+    assert greedy(vanilla_llm) == baseline["tokens"]
+
+
+def test_full_depth_plan_matches_vanilla(vanilla_llm, forced_llm):
+    # No request names a bucket: every row runs full depth through UTIO's executor.
+    before = forced_llm.collective_rpc("utio_stats")[0]
+    assert greedy(forced_llm) == greedy(vanilla_llm)
+    after = forced_llm.collective_rpc("utio_stats")[0]
+    assert after["steps"] > before["steps"]  # the executor really ran
+    assert after["layer_tokens_run"] - before["layer_tokens_run"] == (
+        after["layer_tokens_full"] - before["layer_tokens_full"]
+    )
+
+
+def test_bad_config_fails_before_engine_start():
+    with pytest.raises(UtioConfigError, match=r"buckets\[0\]\.keep_first"):
+        make_llm({"enabled": True, "buckets": [{**BUCKETS[0], "keep_first": 0}]})
+
+
+def test_model_dependent_check_names_model_depth():
+    bucket = {**BUCKETS[0], "keep_first": 20, "keep_last": 20}
+    with pytest.raises(UtioConfigError, match="exceeds the model's 30 decoder layers"):
+        make_llm({"enabled": True, "buckets": [bucket]})

@@ -1,0 +1,1 @@
+"""Offline evaluation tools for UTIO: an exact reference forward and quality measures."""
