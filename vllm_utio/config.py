@@ -56,10 +56,16 @@ class BucketSpec(_Strict):
 class SignalWeights(_Strict):
     """Weights of the surrogate importance score's components (normalized by their sum)."""
 
-    entropy: float = Field(default=0.4, ge=0.0)
-    attention_heat: float = Field(default=0.3, ge=0.0)
-    outlier: float = Field(default=0.3, ge=0.0)
-    varentropy: float = Field(default=0.0, ge=0.0)
+    entropy: float = Field(default=0.4, ge=0.0, description="Previous-step output entropy.")
+    attention_heat: float = Field(
+        default=0.3, ge=0.0, description="How much the token's attention pulls in context."
+    )
+    outlier: float = Field(
+        default=0.3, ge=0.0, description="Hidden state's distance from the batch mean."
+    )
+    varentropy: float = Field(
+        default=0.0, ge=0.0, description="Variance of the previous step's surprisal."
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> SignalWeights:
@@ -71,7 +77,7 @@ class SignalWeights(_Strict):
 class UtioConfig(_Strict):
     """Every UTIO setting, with its default. Unknown keys are rejected."""
 
-    enabled: bool = False
+    enabled: bool = Field(default=False, description="Turn UTIO on (`--enable-utio`).")
     buckets: tuple[BucketSpec, ...] = Field(
         default=(), description="Shallow buckets, shallowest first; full depth is implicit."
     )
@@ -80,12 +86,14 @@ class UtioConfig(_Strict):
         description="'surrogate': UTIO importance score; 'forced': a request's "
         "SamplingParams.extra_args['utio_bucket'] names its bucket (tests, pinning).",
     )
-    signal: SignalWeights = SignalWeights()
+    signal: SignalWeights = Field(
+        default=SignalWeights(), description="Weights of the surrogate score's components."
+    )
     routing_layer: int | None = Field(
         default=None,
         ge=0,
-        description="Layer whose hidden state feeds the outlier/attention-heat terms "
-        "(default: the first layer any bucket skips).",
+        description="Layer whose attention output feeds the attention-heat term "
+        "(default: the last layer every bucket runs, keep_first - 1 of the shallowest).",
     )
     min_bucket_size: int = Field(
         default=1, ge=1, description="Smaller buckets merge into the next deeper one."

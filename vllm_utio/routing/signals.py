@@ -7,7 +7,7 @@ before the step runs. Formulas (V = vocabulary size, p = softmax(logits)):
 
 - entropy:      H(p) / log V,                 H(p) = -sum_i p_i log p_i
 - varentropy:   min(1, Var_p[-log p] / (log V)^2),  Var_p[-log p] = sum_i p_i (log p_i + H)^2
-- outlier:      (1 - cos(h_r, mean_b h_b)) / 2, h = final hidden state before the LM head,
+- outlier:      (1 - cos(h_r, mean_b h_b)) / 2, h = the final-normed hidden state (LM-head input),
                 mean over the requests of that step's batch
 - attention_heat: (1 - cos(o_r, v_r)) / 2 at the routing layer, where o_r is the token's
                 attention output and v_r its own value vector (both head-averaged over the

@@ -1,0 +1,40 @@
+"""``vllm-utio``: the project's own command line (evaluation, benchmarks, reports).
+
+Each subcommand lives in its own module and is imported only when used, so
+``vllm-utio --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
+SUBCOMMANDS = {
+    "eval": ("vllm_utio.evaluation.quality_cli", "quality of a UTIO config vs the full model"),
+    "setup-assets": ("vllm_utio.assets.cli", "build the default model and evaluation text"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vllm-utio", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+        _load(module).add_arguments(p)
+    return parser
+
+
+def _load(module: str):
+    return importlib.import_module(module)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(_load(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
