@@ -1,7 +1,9 @@
 """End-to-end tests of the real ``vllm serve`` CLI with the UTIO plugin (127.0.0.1 only).
 
 One server start (module-scoped) serves the happy-path tests; the CLI-help and
-bad-config tests run their own short-lived ``vllm serve`` processes.
+bad-config tests run their own short-lived ``vllm serve`` processes. The shared server
+allowlists the ``utio`` plugins (``VLLM_PLUGINS=utio``) so its ``/metrics`` carries the
+UTIO counters (:mod:`vllm_utio.integration.metrics`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_utio.paths import DEFAULT_MODEL_NAME, default_model_dir
 from vllm_utio.serving import ServerError, ServerProcess, find_vllm_executable
@@ -28,6 +31,8 @@ STOP_TIMEOUT = 60.0
 UTIO_CONFIG = {
     "buckets": [{"name": "shallow", "max_score": 0.35, "keep_first": 13, "keep_last": 11}]
 }
+NUM_LAYERS = 30
+LAYERS_RUN = {"full": NUM_LAYERS, "shallow": 13 + 11}
 COMMON_ARGS = [
     "--dtype",
     "bfloat16",
@@ -61,6 +66,8 @@ def utio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         log_path=log_path,
         startup_timeout=300.0,
         stop_timeout=STOP_TIMEOUT,
+        # Endpoint plugins load only when allowlisted; "utio" names the general one too.
+        env={**os.environ, "VLLM_PLUGINS": "utio"},
     )
     with server:
         print(f"vllm serve up in {server.startup_seconds:.1f} s; log {log_path}")
@@ -127,6 +134,64 @@ def test_models_lists_served_name(utio_server: ServerProcess, http: requests.Ses
     resp = http.get(f"{utio_server.base_url}/v1/models", timeout=HTTP_TIMEOUT)
     assert resp.status_code == 200, resp.text
     assert DEFAULT_MODEL_NAME in [m["id"] for m in resp.json()["data"]]
+
+
+def _utio_metrics(http: requests.Session, server: ServerProcess) -> dict[str, float]:
+    """``utio_*`` samples of /metrics, keyed ``name`` or ``name[bucket]``."""
+    resp = http.get(f"{server.base_url}/metrics", timeout=HTTP_TIMEOUT)
+    assert resp.status_code == 200, resp.text[:2000]
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            if not sample.name.startswith("utio_"):
+                continue
+            assert sample.labels.get("model_name") == DEFAULT_MODEL_NAME, sample
+            bucket = sample.labels.get("bucket")
+            out[sample.name if bucket is None else f"{sample.name}[{bucket}]"] = sample.value
+    return out
+
+
+def test_metrics_expose_worker_stats(utio_server: ServerProcess, http: requests.Session) -> None:
+    before = _utio_metrics(http, utio_server)
+    assert "utio_layer_tokens_saved_total" in before, sorted(before)
+    processed = generated = 0
+    prompts = ["The capital of France is", "Three colours are", "Water boils at"]
+    for i, prompt in enumerate(prompts):
+        out = _post(
+            http,
+            utio_server,
+            "/v1/completions",
+            {
+                "model": DEFAULT_MODEL_NAME,
+                # Unique and shorter than a KV block: no prefix-cache hit skips prompt work.
+                "prompt": f"({i}) {prompt}",
+                "max_tokens": 24,
+                "temperature": 0.0,
+                "ignore_eos": True,
+            },
+        )
+        usage = out["usage"]
+        # The last sampled token is never fed back through the model.
+        processed += usage["prompt_tokens"] + usage["completion_tokens"] - 1
+        generated += usage["completion_tokens"]
+    after = _utio_metrics(http, utio_server)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    print("\n".join(f"{k} {after[k]:g} (+{delta[k]:g})" for k in sorted(after)))
+
+    assert after["utio_steps_total"] > 0
+    assert len(prompts) <= delta["utio_steps_total"] <= generated
+    # The worker's totals match the work this server really did, token for token.
+    tokens = {b: delta[f"utio_bucket_tokens_total[{b}]"] for b in LAYERS_RUN}
+    assert sum(tokens.values()) == processed
+    assert delta["utio_layer_tokens_full_total"] == NUM_LAYERS * processed
+    run = sum(LAYERS_RUN[b] * n for b, n in tokens.items())
+    assert delta["utio_layer_tokens_run_total"] == run
+    assert delta["utio_layer_tokens_saved_total"] == NUM_LAYERS * processed - run
+    # The surrogate router sends this model's confident decodes to "shallow".
+    assert after["utio_layer_tokens_saved_total"] > 0
+    assert delta["utio_routed_steps_total"] > 0
+    assert delta["utio_forward_seconds_total"] > 0
+    assert after["utio_stats_fetch_failures_total"] == 0
 
 
 # Keep this last among the tests using the fixture: it stops the shared server.

@@ -13,6 +13,8 @@ import sys
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
 SUBCOMMANDS = {
     "eval": ("vllm_utio.evaluation.quality_cli", "quality of a UTIO config vs the full model"),
+    "bench": ("vllm_utio.benchmarking.suite", "offline throughput: UTIO configs vs vanilla vLLM"),
+    "report": ("vllm_utio.benchmarking.report", "markdown report and plots from a results file"),
     "setup-assets": ("vllm_utio.assets.cli", "build the default model and evaluation text"),
 }
 

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from vllm_utio.config import utio_config_from_additional
 
@@ -179,15 +180,11 @@ def _bucket_size_histogram(
     rows = stats.get("rows_per_level", [])
     for k, (level, per_bound) in enumerate(zip(level_names, counts, strict=False)):
         cumulative = list(accumulate(per_bound))
-        buckets = [(_bound_label(b), float(c)) for b, c in zip(bounds, cumulative, strict=False)]
+        buckets = [(floatToGoString(b), float(c)) for b, c in zip(bounds, cumulative, strict=False)]
         buckets.append(("+Inf", float(cumulative[-1] if cumulative else 0)))
         total_rows = float(rows[k]) if k < len(rows) else 0.0
         family.add_metric([*values, level], buckets, sum_value=total_rows)
     return family
-
-
-def _bound_label(bound: float) -> str:
-    return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
 def first_worker_stats(results: Sequence[Any]) -> Mapping[str, Any] | None:

@@ -1,0 +1,1 @@
+"""Speed benchmarks of UTIO vs vanilla vLLM, their results format, and reports."""

@@ -1,0 +1,141 @@
+"""The benchmark results file: one JSON document, validated against a JSON schema.
+
+Top level: ``schema`` (format id), ``created`` (UTC ISO time), ``machine`` and
+``versions`` (where and with what it ran), ``settings`` (what was asked), ``configs``
+(every measured configuration), ``samples`` (raw measurements, one per run),
+``summary`` (medians and min-max per config x batch x prompt length), ``quality``
+(per config: perplexity delta and agreement vs the full model), ``notes``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+SCHEMA_ID = "vllm-utio-bench/1"
+
+_NUM = {"type": ["number", "null"]}
+SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "required": [
+        "schema",
+        "created",
+        "machine",
+        "versions",
+        "settings",
+        "configs",
+        "samples",
+        "summary",
+    ],
+    "properties": {
+        "schema": {"const": SCHEMA_ID},
+        "created": {"type": "string"},
+        "machine": {"type": "object", "required": ["cpu", "cores", "memory_gib"]},
+        "versions": {"type": "object", "required": ["vllm", "torch", "vllm_utio"]},
+        "settings": {
+            "type": "object",
+            "required": ["batch_sizes", "prompt_lens", "output_len", "repeats", "dtype"],
+        },
+        "configs": {
+            "type": "array",
+            "items": {"type": "object", "required": ["name", "engine", "description"]},
+        },
+        "samples": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["config", "batch", "prompt_len", "repeat", "wall_s", "decode_tok_s"],
+                "properties": {
+                    "decode_tok_s": _NUM,
+                    "step_ms": _NUM,
+                    "utio": {"type": ["object", "null"]},
+                },
+            },
+        },
+        "summary": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["config", "batch", "prompt_len", "decode_tok_s", "step_ms"],
+                "properties": {"saved_fraction": _NUM, "overhead_share": _NUM},
+            },
+        },
+        "quality": {"type": "object"},
+        "notes": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem, 1),
+        "platform": platform.platform(),
+    }
+
+
+def version_info() -> dict[str, str]:
+    import torch
+    import vllm
+
+    import vllm_utio
+
+    return {
+        "vllm": str(vllm.__version__),
+        "torch": str(torch.__version__),
+        "vllm_utio": vllm_utio.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def new_results(settings: dict[str, Any], configs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_ID,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "versions": version_info(),
+        "settings": settings,
+        "configs": configs,
+        "samples": [],
+        "summary": [],
+        "quality": {},
+        "notes": [],
+    }
+
+
+def validate(results: dict[str, Any]) -> None:
+    """Raise jsonschema.ValidationError if ``results`` does not follow the schema."""
+    import jsonschema
+
+    jsonschema.validate(results, SCHEMA)
+
+
+def save(results: dict[str, Any], path: str | Path) -> Path:
+    validate(results)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    tmp.replace(path)
+    return path
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    results = json.loads(Path(path).read_text())
+    validate(results)
+    return results
