@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -25,11 +26,19 @@ class UtioStats:
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the layer loop, including KV fill
     level_names: list[str] = field(default_factory=list)
+    # per level, how many steps had a sub-batch of each size (non-cumulative histogram;
+    # the last slot counts sizes above the top bound; steps without the level not counted)
+    bucket_size_bounds: list[int] = field(
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    )
+    bucket_size_counts: list[list[int]] = field(default_factory=list)
 
     @classmethod
     def for_levels(cls, level_names: list[str]) -> UtioStats:
         n = len(level_names)
-        return cls(rows_per_level=[0] * n, tokens_per_level=[0] * n, level_names=list(level_names))
+        stats = cls(rows_per_level=[0] * n, tokens_per_level=[0] * n, level_names=list(level_names))
+        stats.bucket_size_counts = [[0] * (len(stats.bucket_size_bounds) + 1) for _ in range(n)]
+        return stats
 
     def record_step(
         self,
@@ -42,6 +51,8 @@ class UtioStats:
         self.routed_steps += int(any(rows_per_level[1:]))
         for i, n in enumerate(rows_per_level):
             self.rows_per_level[i] += n
+            if n:
+                self.bucket_size_counts[i][bisect.bisect_left(self.bucket_size_bounds, n)] += 1
         for i, n in enumerate(tokens_per_level):
             self.tokens_per_level[i] += n
         self.layer_tokens_run += layer_tokens[0]

@@ -126,7 +126,18 @@ def _shutdown(llm: Any) -> None:
     gc.collect()
 
 
-def _measure(args, model, max_len, utio, windows, prompts, extra_args, label):
+def _measure(
+    args: argparse.Namespace,
+    model: str,
+    max_len: int,
+    utio: dict | None,
+    windows: list[Any],
+    prompts: list[list[int]],
+    extra_args: dict | None,
+    label: str,
+) -> Any:
+    """One engine's :class:`~vllm_utio.evaluation.quality.EngineRun`; the engine is shut
+    down afterwards so the next one has the machine to itself."""
     from tqdm import tqdm
 
     from vllm_utio.evaluation.quality import run_engine
@@ -195,14 +206,15 @@ def format_table(report: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
     from vllm_utio.evaluation.quality import compare, greedy_prompts, prepare_windows
     from vllm_utio.paths import default_model_dir
 
     utio = utio_config(args)
     model = str(args.model or default_model_dir())
     extra = {"utio_bucket": args.utio_bucket} if args.utio_bucket else None
-    from transformers import AutoTokenizer
-
+    # The engines' tokenizer, loaded without an engine: windows are cut before either starts.
     tokenizer = AutoTokenizer.from_pretrained(model)
     windows = prepare_windows(
         tokenizer,
