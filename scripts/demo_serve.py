@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -91,7 +92,12 @@ def ask(base_url: str, question: str, max_tokens: int) -> str:
 
 def utio_metric_lines(server: ServerProcess) -> list[str]:
     text = server.get_text("/metrics")
-    return [line for line in text.splitlines() if line.startswith("utio_")]
+    # the counters; the bucket-size histogram's many lines stay on /metrics
+    return [
+        line
+        for line in text.splitlines()
+        if line.startswith("utio_") and not line.startswith("utio_bucket_size")
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         log_path=log_path,
         startup_timeout=args.startup_timeout,
+        # vLLM loads endpoint plugins (UTIO's /metrics collector) only when allow-listed
+        env={**os.environ, "VLLM_PLUGINS": "utio"},
     )
     try:
         with server:
@@ -129,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
                 for line in lines:
                     print(f"  {line}")
             else:
-                print("[demo] note: /metrics exposes no utio_* lines (none exported yet)")
+                print("[demo] note: /metrics shows no utio_* lines (is VLLM_PLUGINS=utio set?)")
             print("[demo] stopping the server ...", flush=True)
     except ServerError as err:
         print(f"[demo] error: {err}", file=sys.stderr)
