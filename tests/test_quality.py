@@ -211,5 +211,5 @@ def test_shallow_plan_damage_is_visible(engines) -> None:
     # prompts' prefill ran full depth
     stats = report.routing["teacher_forced"]
     assert stats["tokens_per_level"]["shallow"] == report.scored_tokens
-    assert stats["tokens_per_level"]["full"] == report.windows * EVAL_KW["prompt_len"]
+    assert stats["tokens_per_level"]["full"] == report.windows * report.prompt_len
     assert stats["saved_fraction"] > 0.2

@@ -32,10 +32,12 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
+from vllm_utio.config import utio_config_from_additional
+
 FORCE_KEY = "utio_force_tokens"
 FORCING_PROCESSOR = f"{__name__}:ReferenceForcing"
-# Built before the first step, so it cannot live in the engine's process: pass
-# ``logits_processors=[FORCING_PROCESSOR]`` (or the class) to ``LLM``.
+# Engine settings for teacher forcing. vLLM instantiates logits processors when it builds
+# the engine (there is no public way to add one later), hence ``logits_processors``.
 ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "bfloat16",
     "enforce_eager": True,
@@ -172,12 +174,14 @@ def prepare_windows(
 def _encode_head(tokenizer: Any, text: str, needed: int | None) -> list[int]:
     """The first ``needed`` tokens of ``text`` (all if None), tokenizing only a head of it:
     whole Wikipedia articles are slow to tokenize and far longer than a window."""
-    cut = 8 * needed if needed else len(text)
+    if needed is None:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    cut = 8 * needed
     while True:
         ids = tokenizer.encode(text[:cut], add_special_tokens=False)
         # The cut splits at most its last word; a margin keeps that word out of the result.
         if cut >= len(text) or len(ids) > needed + 32:
-            return list(ids[:needed]) if needed else list(ids)
+            return list(ids[:needed])
         cut *= 2
 
 
@@ -199,12 +203,34 @@ class ForcedResult:
 
 
 def _check_engine(llm: Any) -> None:
-    mode = llm.llm_engine.model_config.logprobs_mode
+    config = llm.llm_engine.vllm_config
+    mode = config.model_config.logprobs_mode
     if mode != "raw_logprobs":
         raise ValueError(
             f"engine has logprobs_mode={mode!r}; teacher forcing needs 'raw_logprobs' "
             "(processed log-probs would be those of the forced distribution)"
         )
+    if config.use_v2_model_runner:
+        raise ValueError(
+            "ReferenceForcing is a V1-runner logits processor (as UTIO needs the V1 runner): "
+            "set VLLM_USE_V2_MODEL_RUNNER=0 before building the engine"
+        )
+
+
+def _preemption_free_batch(llm: Any, batch_size: int, max_len: int) -> int:
+    """Cap a batch so all its requests fit the KV cache at their final length.
+
+    A preempted request is recomputed by a prefill, which runs full depth: its earlier
+    decode positions would then hold full-depth K/V, not what routed decode wrote.
+    """
+    cache = llm.llm_engine.vllm_config.cache_config
+    capacity = (cache.num_gpu_blocks or 0) * cache.block_size
+    per_request = math.ceil(max_len / cache.block_size) * cache.block_size
+    if not capacity:
+        return batch_size
+    if capacity < per_request:
+        raise ValueError(f"KV cache holds {capacity} tokens, one request needs {per_request}")
+    return min(batch_size, capacity // per_request)
 
 
 def _chunks(n: int, size: int) -> Iterable[range]:
@@ -245,6 +271,8 @@ def teacher_forced_logprobs(
     from vllm import SamplingParams
 
     _check_engine(llm)
+    longest = max((len(w.tokens) for w in windows), default=0)
+    batch_size = _preemption_free_batch(llm, batch_size, longest)
     results: list[ForcedResult] = []
     for rows in _chunks(len(windows), batch_size):
         prompts, params = [], []
@@ -274,6 +302,7 @@ def greedy_continuations(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int = 64,
     extra_args: Mapping[str, Any] | None = None,
+    batch_size: int = 64,
 ) -> list[list[int]]:
     from vllm import SamplingParams
 
@@ -284,16 +313,21 @@ def greedy_continuations(
         detokenize=False,
         extra_args=dict(extra_args) if extra_args else None,
     )
-    outs = llm.generate([_prompt(p) for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    longest = max((len(p) for p in prompts), default=0) + max_new_tokens
+    batch_size = _preemption_free_batch(llm, batch_size, longest)
+    out: list[list[int]] = []
+    for rows in _chunks(len(prompts), batch_size):
+        outs = llm.generate([_prompt(prompts[i]) for i in rows], params, use_tqdm=False)
+        out.extend(list(o.outputs[0].token_ids) for o in outs)
+    return out
 
 
 def utio_stats(llm: Any) -> dict[str, Any] | None:
-    """UTIO's worker totals, or None for an engine without UTIO's worker."""
-    try:
-        return llm.collective_rpc("utio_stats")[0]
-    except Exception:  # the RPC fails in the worker process; its error type is not ours
+    """UTIO's worker totals, or None for an engine with UTIO off (no such RPC there)."""
+    additional = llm.llm_engine.vllm_config.additional_config
+    if not utio_config_from_additional(additional).enabled:
         return None
+    return llm.collective_rpc("utio_stats")[0]
 
 
 def stats_delta(before: Mapping[str, Any] | None, after: Mapping[str, Any] | None) -> dict:
@@ -350,7 +384,7 @@ def run_engine(
     s0, t0 = utio_stats(llm), time.perf_counter()
     forced = teacher_forced_logprobs(llm, windows, extra_args, batch_size, progress)
     s1, t1 = utio_stats(llm), time.perf_counter()
-    greedy = greedy_continuations(llm, prompts, greedy_tokens, extra_args) if prompts else []
+    greedy = greedy_continuations(llm, prompts, greedy_tokens, extra_args, batch_size)
     s2, t2 = utio_stats(llm), time.perf_counter()
     return EngineRun(forced, greedy, stats_delta(s0, s1), stats_delta(s1, s2), t1 - t0, t2 - t1)
 
@@ -432,11 +466,13 @@ def bootstrap_ci(
 
 @dataclass
 class QualityReport:
+    """A UTIO engine against the full model on the same teacher-forced windows."""
+
     documents: int
     windows: int
-    scored_tokens: int
-    window: int
-    prompt_len: int
+    scored_tokens: int  # decode-produced tokens only
+    window: int  # longest window, tokens (with any BOS)
+    prompt_len: int  # prompt tokens per window (with any BOS)
     ppl_full: float
     ppl_utio: float
     ppl_delta: float  # ppl_utio / ppl_full - 1
@@ -511,7 +547,8 @@ def evaluate(
     resamples: int = 1000,
     seed: int = 0,
 ) -> QualityReport:
-    """Measure ``llm_utio`` against ``llm_full`` (UTIO off) on ``texts``.
+    """Measure ``llm_utio`` against ``llm_full`` (UTIO off) on ``texts``;
+    ``utio_extra_args`` go to every UTIO request (e.g. a forced bucket).
 
     Both engines need ``logits_processors=[FORCING_PROCESSOR]`` and raw log-probs
     (see :data:`ENGINE_DEFAULTS`) and the same tokenizer.

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--utio-bucket",
         default=None,
-        help="forced router: send every UTIO request to this bucket (decode steps)",
+        help="forced router: send every UTIO request to this bucket; a comma-separated "
+        "list measures each bucket on the same engines, one report each",
     )
     parser.add_argument(
         "--data",
@@ -89,14 +91,21 @@ def utio_config(args: argparse.Namespace) -> dict[str, Any]:
         cfg = parse_utio_config(raw)
     except UtioConfigError as err:
         raise SystemExit(str(err)) from None
-    if args.utio_bucket is not None:
-        names = [b.name for b in cfg.buckets]
-        if cfg.router != "forced" or args.utio_bucket not in names:
+    names = [b.name for b in cfg.buckets]
+    for bucket in _buckets(args):
+        if bucket is not None and (cfg.router != "forced" or bucket not in names):
             raise SystemExit(
-                f"--utio-bucket {args.utio_bucket!r} needs router 'forced' and one of the "
-                f"config's buckets {names}"
+                f"--utio-bucket {bucket!r} needs router 'forced' and one of the config's "
+                f"buckets {names}"
             )
     return raw
+
+
+def _buckets(args: argparse.Namespace) -> list[str | None]:
+    """The forced buckets to measure ([None]: let the config's router decide)."""
+    if not args.utio_bucket:
+        return [None]
+    return [b.strip() for b in args.utio_bucket.split(",") if b.strip()]
 
 
 # --------------------------------------------------------------------------- engines
@@ -133,22 +142,25 @@ def _measure(
     utio: dict | None,
     windows: list[Any],
     prompts: list[list[int]],
-    extra_args: dict | None,
+    cases: list[dict | None],
     label: str,
-) -> Any:
-    """One engine's :class:`~vllm_utio.evaluation.quality.EngineRun`; the engine is shut
-    down afterwards so the next one has the machine to itself."""
+) -> list[Any]:
+    """One :class:`~vllm_utio.evaluation.quality.EngineRun` per case (request extra_args)
+    on one engine, shut down afterwards so the next engine has the machine to itself."""
     from tqdm import tqdm
 
     from vllm_utio.evaluation.quality import run_engine
 
     llm = _engine(args, model, max_len, utio)
-    total = sum(len(w.tokens) - w.prompt_len for w in windows)
+    total = len(cases) * sum(len(w.tokens) - w.prompt_len for w in windows)
     try:
         with tqdm(total=total, desc=f"{label} teacher-forced", unit="tok") as bar:
-            return run_engine(
-                llm, windows, prompts, args.greedy_tokens, extra_args, args.batch_size, bar.update
-            )
+            return [
+                run_engine(
+                    llm, windows, prompts, args.greedy_tokens, extra, args.batch_size, bar.update
+                )
+                for extra in cases
+            ]
     finally:
         _shutdown(llm)
 
@@ -212,8 +224,11 @@ def run(args: argparse.Namespace) -> int:
     from vllm_utio.paths import default_model_dir
 
     utio = utio_config(args)
+    # Both engines on vLLM's V1 runner: UTIO and the forcing processor need it, and the
+    # full model must share its numerics (V2 is the default where Triton exists).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     model = str(args.model or default_model_dir())
-    extra = {"utio_bucket": args.utio_bucket} if args.utio_bucket else None
+    cases = [{"utio_bucket": b} if b else None for b in _buckets(args)]
     # The engines' tokenizer, loaded without an engine: windows are cut before either starts.
     tokenizer = AutoTokenizer.from_pretrained(model)
     windows = prepare_windows(
@@ -229,12 +244,20 @@ def run(args: argparse.Namespace) -> int:
     prompts = greedy_prompts(windows, args.greedy_prompts, args.greedy_prompt_len)
     prefix = windows[0].prefix_len
     max_len = max(args.window, args.greedy_prompt_len + args.greedy_tokens) + prefix
-    full = _measure(args, model, max_len, None, windows, prompts, None, "full")
-    routed = _measure(args, model, max_len, utio, windows, prompts, extra, "utio")
-    report = compare(windows, full, routed, args.bootstrap, args.seed, extra)
-    print(format_table(report))
+    (full,) = _measure(args, model, max_len, None, windows, prompts, [None], "full")
+    routed = _measure(args, model, max_len, utio, windows, prompts, cases, "utio")
+    reports = [
+        compare(windows, full, run, args.bootstrap, args.seed, extra)
+        for run, extra in zip(routed, cases, strict=True)
+    ]
+    print("\n\n".join(format_table(r) for r in reports))
     if args.json:
-        out = {"model": model, "data": args.data, "utio_config": utio, **report.to_dict()}
+        out = {
+            "model": model,
+            "data": args.data,
+            "utio_config": utio,
+            "reports": [r.to_dict() for r in reports],
+        }
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
         print(f"report: {args.json}")
     return 0
