@@ -73,3 +73,36 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert all(r["decode_tok_s"] > 0 for r in data["summary"])
     report.render(data, tmp_path / "report")
     assert json.loads((tmp_path / "quick.json").read_text())["settings"]["quick"] is True
+
+
+@pytest.mark.server
+def test_quick_serving_benchmark(tmp_path):
+    from vllm_utio.benchmarking import serving_suite
+
+    parser = argparse.ArgumentParser()
+    serving_suite.add_arguments(parser)
+    out = tmp_path / "serving.json"
+    args = parser.parse_args(["--quick", "--eager", "-o", str(out)])
+    assert serving_suite.run(args) == 0
+    data = results.load(out)
+    runs = data["serving"]["runs"]
+    assert {(r["server"], r["concurrency"]) for r in runs} == {
+        (s, c) for s in ("vanilla", "utio-surrogate") for c in (1, 4)
+    }
+    for r in runs:
+        assert r["failed"] == 0, r["errors"]
+        assert r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p50"] > 0
+    text = report.render(data, tmp_path / "report").read_text()
+    assert "## Serving" in text and (tmp_path / "report" / "latency.png").is_file()
+
+
+def test_percentiles_and_request_summary():
+    from vllm_utio.benchmarking.serving import RequestResult, summarize_requests
+
+    reqs = [RequestResult(True, 0.1 * (i + 1), 1.0 + 0.1 * i, 10, [0.1] * 9) for i in range(10)]
+    reqs.append(RequestResult(False, error="HTTP 500"))
+    row = summarize_requests(reqs, wall_s=2.0, concurrency=4)
+    assert row["failed"] == 1 and row["errors"] == ["HTTP 500"]
+    assert row["output_tok_s"] == pytest.approx(50.0)
+    assert row["ttft_ms_p50"] == pytest.approx(500.0)  # rank round(0.5 * 9) = 4 of 100..1000 ms
+    assert row["itl_ms_p99"] == pytest.approx(100.0)

@@ -14,6 +14,10 @@ import sys
 SUBCOMMANDS = {
     "eval": ("vllm_utio.evaluation.quality_cli", "quality of a UTIO config vs the full model"),
     "bench": ("vllm_utio.benchmarking.suite", "offline throughput: UTIO configs vs vanilla vLLM"),
+    "bench-serve": (
+        "vllm_utio.benchmarking.serving_suite",
+        "serving: vllm serve with and without --enable-utio, ShareGPT prompts",
+    ),
     "report": ("vllm_utio.benchmarking.report", "markdown report and plots from a results file"),
     "setup-assets": ("vllm_utio.assets.cli", "build the default model and evaluation text"),
 }

@@ -132,6 +132,52 @@ def plot_pareto(results: dict[str, Any], path: Path, batch: int | None = None) -
     return path
 
 
+def serving_table(serving: dict[str, Any]) -> list[str]:
+    lines = [
+        "| server | concurrency | requests (failed) | output tok/s | TTFT p50/p99 ms | "
+        "TPOT p50/p99 ms | ITL p50/p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in serving["runs"]:
+        lines.append(
+            f"| {r['server']} | {r['concurrency']} | {r['requests']} ({r['failed']}) | "
+            f"{_fmt(r['output_tok_s'])} | {_fmt(r['ttft_ms_p50'], '.0f')}/"
+            f"{_fmt(r['ttft_ms_p99'], '.0f')} | {_fmt(r['tpot_ms_p50'], '.1f')}/"
+            f"{_fmt(r.get('tpot_ms_p99'), '.1f')} | {_fmt(r['itl_ms_p50'], '.1f')}/"
+            f"{_fmt(r['itl_ms_p99'], '.1f')} |"
+        )
+    return lines
+
+
+def plot_latency(serving: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for server in dict.fromkeys(r["server"] for r in serving["runs"]):
+        rows = sorted(
+            (r for r in serving["runs"] if r["server"] == server), key=lambda r: r["concurrency"]
+        )
+        xs = [r["concurrency"] for r in rows]
+        for ax, key in zip(axes, ("ttft_ms", "itl_ms"), strict=True):
+            ax.plot(xs, [r[f"{key}_p50"] for r in rows], marker="o", label=f"{server} p50")
+            ax.plot(xs, [r[f"{key}_p99"] for r in rows], marker="x", ls="--", label=f"{server} p99")
+    for ax, title in zip(
+        axes, ("time to first token (ms)", "inter-token latency (ms)"), strict=True
+    ):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent requests")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def render(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, v, s = results["machine"], results["versions"], results["settings"]
@@ -148,13 +194,14 @@ def render(results: dict[str, Any], out_dir: Path) -> Path:
         "",
         *[f"- **{c['name']}**: {c['description']}" for c in results["configs"]],
         "",
-        "## Decode throughput",
-        "",
-        *headline_table(results),
-        "",
-        f"![throughput]({plot_throughput(results, out_dir / 'throughput.png').name})",
-        "",
     ]
+    if results["summary"]:
+        lines += ["## Decode throughput", "", *headline_table(results), ""]
+        lines += [f"![throughput]({plot_throughput(results, out_dir / 'throughput.png').name})", ""]
+    serving = results.get("serving")
+    if serving:
+        lines += ["## Serving (vllm serve, ShareGPT prompts)", "", *serving_table(serving), ""]
+        lines += [f"![latency]({plot_latency(serving, out_dir / 'latency.png').name})", ""]
     pareto = plot_pareto(results, out_dir / "pareto.png")
     if pareto is not None:
         lines += ["## Speed vs quality", "", f"![pareto]({pareto.name})", ""]

@@ -4,7 +4,8 @@ Top level: ``schema`` (format id), ``created`` (UTC ISO time), ``machine`` and
 ``versions`` (where and with what it ran), ``settings`` (what was asked), ``configs``
 (every measured configuration), ``samples`` (raw measurements, one per run),
 ``summary`` (medians and min-max per config x batch x prompt length), ``quality``
-(per config: perplexity delta and agreement vs the full model), ``notes``.
+(per config: perplexity delta and agreement vs the full model), ``serving`` (optional:
+per server and concurrency, TTFT/TPOT/ITL percentiles and throughput), ``notes``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,30 @@ SCHEMA: dict[str, Any] = {
             },
         },
         "quality": {"type": "object"},
+        "serving": {
+            "type": "object",
+            "required": ["servers", "output_len", "runs"],
+            "properties": {
+                "runs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "server",
+                            "concurrency",
+                            "requests",
+                            "failed",
+                            "output_tok_s",
+                            "ttft_ms_p50",
+                            "ttft_ms_p99",
+                            "tpot_ms_p50",
+                            "itl_ms_p50",
+                            "itl_ms_p99",
+                        ],
+                    },
+                }
+            },
+        },
         "notes": {"type": "array", "items": {"type": "string"}},
     },
 }

@@ -1,0 +1,207 @@
+"""Pure-torch reference for token-granular sparse decode attention over a paged KV cache.
+
+This is the specification the Triton kernels in :mod:`vllm_utio.kernels.sparse_decode`
+are tested against. It is slow (a Python loop over sequences) and exact: fp32
+scores, a dense softmax over exactly the selected positions, fp32 accumulation,
+output cast to the query dtype.
+
+Shapes (one decode query token per sequence):
+
+* ``q``: ``[num_seqs, num_q_heads, head_dim]``; query head ``h`` reads KV head
+  ``h // G`` with ``G = num_q_heads // num_kv_heads`` (vLLM's / HF's GQA grouping).
+* ``key_cache`` / ``value_cache``: layout ``"NHD"`` (default) is
+  ``[num_blocks, block_size, num_kv_heads, head_dim]``, the logical shape of the
+  K and V views vLLM's GPU FlashAttention backend passes to its kernels; layout
+  ``"HND"`` is ``[num_blocks, num_kv_heads, block_size, head_dim]``. Strides are
+  free (vLLM 0.32's views are not contiguous, see :func:`split_vllm_kv_cache`).
+* ``block_table[b, j]``: physical block holding positions ``[j * block_size,
+  (j + 1) * block_size)`` of sequence ``b``; entries past the sequence's last
+  block are never read.
+* ``seq_lens[b]``: tokens in sequence ``b`` including the decode token, which sits
+  at position ``seq_lens[b] - 1`` and whose K/V are already in the cache.
+
+Policies (``S`` sinks, ``W`` recent window, ``W >= 1`` so a token sees itself):
+
+* throttle: positions ``[0, S)`` and ``[seq_len - W, seq_len)``; dense when
+  ``S + W >= seq_len``.
+* vslash: throttle's positions, plus caller-chosen "vertical" positions, plus a
+  "slash" position ``seq_len - 1 - o`` per configured offset ``o >= 0``. Positions
+  outside ``[0, seq_len)`` are ignored (so ``-1`` pads a ragged vertical list);
+  duplicates count once. Verticals are per sequence (``[num_seqs, K]``) or per
+  sequence and KV head (``[num_seqs, num_kv_heads, K]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+KVLayout = Literal["NHD", "HND"]
+LAYOUTS: tuple[str, ...] = ("NHD", "HND")
+
+
+def to_nhd(cache: torch.Tensor, layout: KVLayout) -> torch.Tensor:
+    """A ``[num_blocks, block_size, num_kv_heads, head_dim]`` view of a cache in ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if cache.dim() != 4:
+        raise ValueError(f"a KV cache must be 4-D, got shape {tuple(cache.shape)}")
+    return cache if layout == "NHD" else cache.transpose(1, 2)
+
+
+def split_vllm_kv_cache(
+    kv_cache: torch.Tensor, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``"NHD"`` views of one layer's vLLM 0.32 FlashAttention cache tensor.
+
+    vLLM 0.32 allocates ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (K
+    then V in the last dim) and its FlashAttention backend attends over
+    ``kv_cache.transpose(1, 2).split(head_dim, -1)``; these are those views.
+    """
+    if kv_cache.dim() != 4 or kv_cache.shape[-1] != 2 * head_dim:
+        raise ValueError(
+            "expected [num_blocks, num_kv_heads, block_size, 2 * head_dim] with "
+            f"head_dim={head_dim}, got shape {tuple(kv_cache.shape)}"
+        )
+    key_cache, value_cache = kv_cache.transpose(1, 2).split(head_dim, dim=-1)
+    return key_cache, value_cache
+
+
+def throttle_positions(seq_len: int, num_sinks: int, window: int) -> torch.Tensor:
+    """Sorted positions the throttle policy attends: ``[0, S)`` and ``[seq_len - W, seq_len)``."""
+    _check_policy(num_sinks, window)
+    pos = torch.arange(seq_len)
+    return pos[(pos < num_sinks) | (pos >= seq_len - window)]
+
+
+def vslash_positions(
+    seq_len: int,
+    num_sinks: int,
+    window: int,
+    verticals: Sequence[int] | torch.Tensor,
+    slash_offsets: Sequence[int],
+) -> torch.Tensor:
+    """Sorted, duplicate-free positions of the vslash policy for one sequence (and KV head)."""
+    _check_offsets(slash_offsets)
+    vert = torch.as_tensor(verticals, dtype=torch.long).reshape(-1)
+    slash = seq_len - 1 - torch.as_tensor(list(slash_offsets), dtype=torch.long)
+    every = torch.cat([throttle_positions(seq_len, num_sinks, window), vert, slash])
+    # torch.unique sorts; out-of-range entries are padding or fell off the start.
+    every = torch.unique(every)
+    return every[(every >= 0) & (every < seq_len)]
+
+
+def positions_mask(position_sets: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """Boolean ``[len(position_sets), length]`` mask with True at each set's positions."""
+    mask = torch.zeros(len(position_sets), length, dtype=torch.bool)
+    for row, positions in enumerate(position_sets):
+        mask[row, positions.long()] = True
+    return mask
+
+
+def throttle_mask(seq_lens: torch.Tensor, num_sinks: int, window: int) -> torch.Tensor:
+    """``[num_seqs, max(seq_lens)]`` selection mask of the throttle policy (CPU)."""
+    lens = [int(n) for n in seq_lens.tolist()]
+    sets = [throttle_positions(n, num_sinks, window) for n in lens]
+    return positions_mask(sets, max(lens, default=0))
+
+
+def vslash_mask(
+    seq_lens: torch.Tensor,
+    num_sinks: int,
+    window: int,
+    verticals: torch.Tensor,
+    slash_offsets: Sequence[int],
+) -> torch.Tensor:
+    """Selection mask of the vslash policy (CPU).
+
+    ``verticals`` ``[num_seqs, K]`` gives ``[num_seqs, max(seq_lens)]``;
+    ``[num_seqs, num_kv_heads, K]`` gives ``[num_seqs, num_kv_heads, max(seq_lens)]``.
+    """
+    if verticals.dim() not in (2, 3) or verticals.shape[0] != seq_lens.shape[0]:
+        raise ValueError(
+            "verticals must be [num_seqs, K] or [num_seqs, num_kv_heads, K], "
+            f"got {tuple(verticals.shape)} for {seq_lens.shape[0]} sequences"
+        )
+    lens = [int(n) for n in seq_lens.tolist()]
+    length = max(lens, default=0)
+    per_head = verticals.cpu().reshape(len(lens), -1, verticals.shape[-1])
+    heads = [
+        positions_mask(
+            [vslash_positions(n, num_sinks, window, per_head[b, h], slash_offsets)
+             for b, n in enumerate(lens)],
+            length,
+        )
+        for h in range(per_head.shape[1])
+    ]
+    mask = torch.stack(heads, dim=1)
+    return mask if verticals.dim() == 3 else mask[:, 0]
+
+
+def gather_sequence(cache_nhd: torch.Tensor, block_row: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Positions ``[0, seq_len)`` of one sequence from an NHD cache: ``[seq_len, kv_heads, D]``."""
+    block_size = cache_nhd.shape[1]
+    pos = torch.arange(seq_len, device=cache_nhd.device)
+    blocks = block_row.to(cache_nhd.device).long()[pos // block_size]
+    return cache_nhd[blocks, pos % block_size]
+
+
+def sparse_decode_attention_ref(
+    q: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    mask: torch.Tensor,
+    layout: KVLayout = "NHD",
+) -> torch.Tensor:
+    """Decode attention of each sequence's query over exactly its selected positions.
+
+    ``mask`` is boolean ``[num_seqs, L]`` (one selection for all KV heads) or
+    ``[num_seqs, num_kv_heads, L]`` with ``L >= max(seq_lens)``; entries at or past a
+    sequence's length are ignored. A sequence with nothing selected (``seq_len == 0``)
+    gets a zero output. Returns ``[num_seqs, num_q_heads, head_dim]`` in ``q.dtype``.
+    """
+    k_nhd, v_nhd = to_nhd(key_cache, layout), to_nhd(value_cache, layout)
+    num_seqs, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_nhd.shape[2]
+    group = num_q_heads // num_kv_heads
+    lens = [int(n) for n in seq_lens.tolist()]
+    if mask.dim() not in (2, 3) or mask.shape[0] != num_seqs:
+        raise ValueError(f"mask must be [num_seqs, L] or [num_seqs, kv_heads, L], got {mask.shape}")
+    if mask.dim() == 3 and mask.shape[1] != num_kv_heads:
+        raise ValueError(f"mask has {mask.shape[1]} heads, the cache {num_kv_heads} KV heads")
+    if mask.shape[-1] < max(lens, default=0):
+        raise ValueError(f"mask length {mask.shape[-1]} < longest sequence {max(lens)}")
+    per_head = mask.to(torch.bool).reshape(num_seqs, -1, mask.shape[-1]).cpu()
+    out = torch.zeros_like(q)
+    for b, n in enumerate(lens):
+        sel = per_head[b, :, :n].expand(num_kv_heads, n).to(q.device)
+        if n == 0 or not bool(sel.any()):
+            continue
+        k = gather_sequence(k_nhd, block_table[b], n).float()  # [n, kv_heads, D]
+        v = gather_sequence(v_nhd, block_table[b], n).float()
+        qg = q[b].float().reshape(num_kv_heads, group, head_dim)
+        scores = torch.einsum("hgd,nhd->hgn", qg, k) * scale
+        scores = scores.masked_fill(~sel[:, None, :], float("-inf"))
+        # A head with an empty selection would be NaN; it attends nothing, so zero.
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        o = torch.einsum("hgn,nhd->hgd", probs, v)
+        out[b] = o.reshape(num_q_heads, head_dim).to(q.dtype)
+    return out
+
+
+def _check_policy(num_sinks: int, window: int) -> None:
+    if num_sinks < 0:
+        raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
+    if window < 1:
+        raise ValueError(f"window must be >= 1 (the token attends to itself), got {window}")
+
+
+def _check_offsets(slash_offsets: Sequence[int]) -> None:
+    bad = [o for o in slash_offsets if int(o) < 0]
+    if bad:
+        raise ValueError(f"slash offsets must be >= 0 (0 is the current token), got {bad}")
