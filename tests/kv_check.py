@@ -22,6 +22,7 @@ def kv_relative_errors(
     model_path: str,
     plan_ranges: list[tuple[int, int, int, int]],
     num_positions: int,
+    correction_files: dict[tuple[int, int], str] | None = None,
 ) -> dict[str, list[float]]:
     """Per-layer relative error of the cache vs the reference, for each position range.
 
@@ -45,7 +46,16 @@ def kv_relative_errors(
     for start, stop, keep_first, keep_last in plan_ranges:
         for p in range(start, min(stop, num_positions)):
             plans[p] = (keep_first, keep_last)
-    out = ref.forward(torch.tensor(tokens), plans=plans)
+    corrections = None
+    if correction_files:
+        from vllm_utio.corrections import load_correction
+
+        hidden = ref.config.hidden_size
+        corrections = {
+            plan: load_correction(path, hidden, torch.float32)
+            for plan, path in correction_files.items()
+        }
+    out = ref.forward(torch.tensor(tokens), plans=plans, corrections=corrections)
     stack = DecoderStack.from_causal_lm(runner.model)
     block_ids = list(state.block_ids[0])
     errors: dict[str, list[float]] = {}

@@ -75,6 +75,12 @@ class DepthExecutor:
         self.corrections = corrections  # per level (index 0 = full depth, always None)
         self.schedule = schedule
         self.heat_layer = heat_layer
+        self._running = [plan_set.levels_running(layer) for layer in range(stack.num_layers)]
+        # corrected levels by the layer where they rejoin (num_layers: before the final norm)
+        self._rejoins: dict[int, list[int]] = {}
+        for level, plan_k in enumerate(plan_set.plans):
+            if corrections[level] is not None and not plan_k.is_full:
+                self._rejoins.setdefault(plan_k.skip_stop, []).append(level)
 
     def run(self, input_ids, positions, inputs_embeds, plan: StepPlan) -> StepResult:
         hidden = self.stack.embed(input_ids, inputs_embeds)
@@ -89,14 +95,15 @@ class DepthExecutor:
         skips: dict[int, torch.Tensor | slice | None] = {}
         residual: torch.Tensor | None = None
         for layer in range(self.stack.num_layers):
-            n = self.plan_set.levels_running(layer)
+            n = self._running[layer]
             if n not in subs:
                 t0 = time.perf_counter()
                 subs[n], skips[n] = self._sub_batches_for(n, plan)
                 result.metadata_s += time.perf_counter() - t0
             sub = subs[n]
             if residual is not None:
-                self._apply_rejoin_corrections(layer, hidden, residual, plan)
+                for level in self._rejoins.get(layer, ()):
+                    self._correct(level, hidden, residual, plan)
                 if skips[n] is not None:
                     result.kv_fill_layer_tokens += self._fill_skipped(
                         layer, hidden, residual, positions, skips[n], plan
@@ -106,16 +113,17 @@ class DepthExecutor:
             hidden, residual = self._run_layer(
                 layer, sub, hidden, residual, positions, plan, result
             )
-        self._apply_final_corrections(hidden, residual, plan)
+        for level in self._rejoins.get(self.stack.num_layers, ()):
+            self._correct(level, hidden, residual, plan)
         result.hidden = self.stack.final_norm(hidden, residual)
         return result
 
     def _sub_batches_for(self, n: int, plan: StepPlan):
         """Sub-batch of rows at levels < n, and the token selector of the others."""
-        if n >= self.plan_set.num_levels:
+        skipped = np.flatnonzero(plan.levels >= n)
+        if not len(skipped):  # every row of this step runs the layer
             return plan.full, None
         running = np.flatnonzero(plan.levels < n)
-        skipped = np.flatnonzero(plan.levels >= n)
         sub = plan.make_sub_batch(running) if len(running) else _empty_sub(running)
         return sub, _selector(skipped, plan.query_start_loc)
 
@@ -157,20 +165,8 @@ class DepthExecutor:
         rows = np.flatnonzero(levels_mask)
         return _selector(rows, plan.query_start_loc) if len(rows) else None
 
-    def _apply_rejoin_corrections(self, layer, hidden, residual, plan: StepPlan) -> None:
-        for level, plan_k in enumerate(self.plan_set.plans):
-            corr = self.corrections[level]
-            if corr is None or plan_k.is_full or plan_k.skip_stop != layer:
-                continue
-            self._correct(level, corr, hidden, residual, plan)
-
-    def _apply_final_corrections(self, hidden, residual, plan: StepPlan) -> None:
-        for level, plan_k in enumerate(self.plan_set.plans):
-            corr = self.corrections[level]
-            if corr is not None and not plan_k.is_full and plan_k.skip_stop == plan_k.num_layers:
-                self._correct(level, corr, hidden, residual, plan)
-
-    def _correct(self, level, corr: Correction, hidden, residual, plan: StepPlan) -> None:
+    def _correct(self, level: int, hidden, residual, plan: StepPlan) -> None:
+        corr = self.corrections[level]
         sel = self._rows_tokens(plan.levels == level, plan)
         if sel is None:
             return
@@ -201,13 +197,17 @@ class DepthExecutor:
                     self.stack.write_skipped_kv(layer, pos, stream, slots)
                     result.kv_fill_layer_tokens += int(stream.shape[0])
                     continue
-                if res is not None and layer == plan_k.skip_stop and self.corrections[level]:
+                if (
+                    res is not None
+                    and layer == plan_k.skip_stop
+                    and self.corrections[level] is not None
+                ):
                     h = h + self.corrections[level].delta(h + res)
                 with plan.use_sub_batch(sub):
                     h, res = self.stack.run_layer(layer, pos, h, res)
             if (
                 plan_k.skip_stop == plan_k.num_layers
-                and self.corrections[level]
+                and self.corrections[level] is not None
                 and res is not None
             ):
                 h = h + self.corrections[level].delta(h + res)

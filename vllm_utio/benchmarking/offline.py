@@ -58,9 +58,11 @@ def make_prompts(tokenizer: Any, batch: int, prompt_len: int, seed_text: str) ->
     return [{"prompt_token_ids": ids[i * stride : i * stride + prompt_len]} for i in range(batch)]
 
 
-def _utio_counters(llm: Any) -> dict[str, float]:
+def _utio_counters(llm: Any) -> dict[str, Any]:
     stats = llm.collective_rpc("utio_stats")[0]
-    return {k: float(stats[k]) for k in UTIO_COUNTERS}
+    out: dict[str, Any] = {k: float(stats[k]) for k in UTIO_COUNTERS}
+    out["rows_per_level"] = list(stats["rows_per_level"])
+    return out
 
 
 def measure_once(
@@ -96,6 +98,9 @@ def measure_once(
     }
     if before is not None and after is not None:
         delta = {k: after[k] - before[k] for k in UTIO_COUNTERS}
+        delta["rows_per_level"] = [
+            a - b for a, b in zip(after["rows_per_level"], before["rows_per_level"], strict=True)
+        ]
         full = delta["layer_tokens_full"]
         delta["saved_fraction"] = 1.0 - delta["layer_tokens_run"] / full if full else 0.0
         sample["utio"] = delta

@@ -178,6 +178,36 @@ def plot_latency(serving: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def time_model_section(results: dict[str, Any]) -> list[str]:
+    from vllm_utio.benchmarking.time_model import fit
+
+    model = fit(results)
+    if model is None:
+        return []
+    c = model["coefficients_ms"]
+    lines = [
+        "## Where the time goes (fitted time model)",
+        "",
+        "step ms = fixed + per_row·B + Σ_layers run (layer + layer_row·rows) + "
+        "Σ_layers skipped (fill + fill_row·rows), least squares over all UTIO samples "
+        f"(R² = {_fmt(model['r2'], '.3f')}):",
+        "",
+        "| " + " | ".join(c) + " |",
+        "|" + "---|" * len(c),
+        "| " + " | ".join(f"{v:.3f}" for v in c.values()) + " |",
+        "",
+        "| config | batch | prompt | predicted step ms | measured step ms | measured/predicted |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in sorted(model["table"], key=lambda r: (r["prompt_len"], r["batch"], r["config"])):
+        ratio = r["measured_step_ms"] / r["predicted_step_ms"] if r["predicted_step_ms"] else None
+        lines.append(
+            f"| {r['config']} | {r['batch']} | {r['prompt_len']} | "
+            f"{r['predicted_step_ms']:.1f} | {r['measured_step_ms']:.1f} | {_fmt(ratio, '.2f')} |"
+        )
+    return [*lines, ""]
+
+
 def render(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, v, s = results["machine"], results["versions"], results["settings"]
@@ -198,6 +228,7 @@ def render(results: dict[str, Any], out_dir: Path) -> Path:
     if results["summary"]:
         lines += ["## Decode throughput", "", *headline_table(results), ""]
         lines += [f"![throughput]({plot_throughput(results, out_dir / 'throughput.png').name})", ""]
+        lines += time_model_section(results)
     serving = results.get("serving")
     if serving:
         lines += ["## Serving (vllm serve, ShareGPT prompts)", "", *serving_table(serving), ""]

@@ -11,6 +11,7 @@ Engines (each started once):
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def configs(quick: bool) -> list[BenchConfig]:
     ]
 
 
+def config_record(cfg: BenchConfig, spec: EngineSpec, num_layers: int) -> dict[str, Any]:
+    """A config as stored in results, with its levels (deepest first, full depth first)."""
+    levels = None
+    if spec.utio is not None:
+        buckets = list(reversed(spec.utio.get("buckets", [])))
+        levels = [{"name": "full", "keep_first": num_layers, "keep_last": 0}] + [
+            {k: b[k] for k in ("name", "keep_first", "keep_last")} for b in buckets
+        ]
+    return {**cfg.__dict__, "levels": levels, "num_layers": num_layers}
+
+
 def engine_factory(model: str, max_batch: int, max_len: int, eager: bool):
     def make(spec: EngineSpec) -> Any:
         from vllm import LLM
@@ -135,10 +147,12 @@ def run(args: argparse.Namespace) -> int:
         "quick": args.quick,
     }
     cfgs = configs(args.quick)
-    results = new_results(settings, [c.__dict__ for c in cfgs])
+    specs = engines(args.quick)
+    num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
+    results = new_results(settings, [config_record(c, specs[c.engine], num_layers) for c in cfgs])
     seed_text = " ".join(d["text"] for d in load_wiki_documents()[:8])
     samples = run_offline(
-        engines(args.quick),
+        specs,
         cfgs,
         engine_factory(model, max(args.batch_sizes), max_len, args.eager),
         args.batch_sizes,
