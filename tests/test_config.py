@@ -119,3 +119,35 @@ def test_utio_config_arg_errors(tmp_path):
     with pytest.raises(UtioConfigError, match="expected a JSON object"):
         (tmp_path / "list.json").write_text("[1, 2]")
         load_utio_config_arg(str(tmp_path / "list.json"))
+
+
+def test_real_vllm_parser_folds_utio_flags_into_additional_config():
+    """The flags go through vLLM's own parser and EngineArgs.from_cli_args."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    import vllm_utio
+
+    vllm_utio.register()  # what vLLM's plugin loader does in every process
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    args = parser.parse_args(
+        ["--model", "m", "--enable-utio", "--utio-config", json.dumps({"buckets": [SHALLOW]})]
+    )
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.additional_config == {"utio": {"buckets": [SHALLOW], "enabled": True}}
+    plain = AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", "m"]))
+    assert "utio" not in (plain.additional_config or {})
+    groups = {g.title for g in parser._action_groups}
+    assert "UTIO" in groups
+
+
+def test_version_check(monkeypatch):
+    from vllm_utio.integration import version
+
+    assert version.is_supported("0.32.0") and version.is_supported("0.32.7+cpu")
+    assert not version.is_supported("0.33.0") and not version.is_supported("dev")
+    monkeypatch.setattr(version, "installed_vllm_version", lambda: "0.33.1")
+    with pytest.raises(
+        version.UnsupportedVllmError, match=r"supports vLLM 0\.32\.x only.*0\.33\.1"
+    ):
+        version.check_vllm_version()

@@ -21,7 +21,15 @@ from vllm_utio.config import (
     load_utio_config_arg,
     utio_config_from_additional,
 )
-from vllm_utio.integration.version import check_vllm_version
+from vllm_utio.integration.version import (
+    SUPPORTED_VLLM,
+    check_vllm_version,
+    installed_vllm_version,
+    is_supported,
+)
+from vllm_utio.log import get_logger
+
+logger = get_logger(__name__)
 
 _MARK = "_vllm_utio_hooked"
 CPU_WORKER = "vllm_utio.integration.cpu_worker.UtioCPUWorker"
@@ -34,6 +42,15 @@ def install_engine_arg_hooks() -> None:
 
     if getattr(EngineArgs, _MARK, False):
         return
+    version = installed_vllm_version()
+    if not is_supported(version):
+        # UTIO off keeps working (the flags are all we add); --enable-utio will refuse.
+        logger.warning(
+            "vllm-utio is written for vLLM %s.x but vLLM %s is installed; UTIO cannot be "
+            "enabled on this version",
+            ".".join(map(str, SUPPORTED_VLLM)),
+            version,
+        )
     _wrap_add_cli_args(EngineArgs)
     _wrap_from_cli_args(EngineArgs)
     _wrap_create_engine_config(EngineArgs)
