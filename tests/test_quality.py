@@ -30,21 +30,21 @@ FULL = (NUM_LAYERS, 0)
 PLANS = {None: FULL, **{b["name"]: (b["keep_first"], b["keep_last"]) for b in BUCKETS}}
 PROMPT_LEN = 4
 TEXT = (
-    "The Amazon River in South America is the largest river by discharge volume of water in "
-    "the world, and the disputed longest river system in the world in comparison to the Nile. "
-    "The headwaters of the Apurímac River on Nevado Mismi had been considered the most distant "
-    "source."
+    "Every spring the river rises with meltwater from the mountains, floods the low fields "
+    "along its banks and leaves behind a layer of fine silt. Farmers in the valley have "
+    "planted rice and beans in that soil for centuries, and the town market still opens "
+    "on the day the water starts to fall."
 )
 DOCS = [
-    "A lighthouse is a tower, building, or other type of physical structure designed to emit "
-    "light from a system of lamps and lenses and to serve as a beacon for navigational aid, "
-    "for maritime pilots at sea or on inland waterways.",
-    "Bread is a staple food prepared from a dough of flour and water, usually by baking. "
-    "Throughout recorded history and around the world, it has been an important part of many "
-    "cultures' diet.",
-    "The violin is a wooden chordophone, and is the smallest, and thus highest-pitched "
-    "instrument in regular use in the violin family. It typically has four strings tuned in "
-    "perfect fifths, and is most commonly played by drawing a bow across its strings.",
+    "The old lighthouse stands on a rock at the mouth of the harbour. Its lamp was lit by "
+    "hand until the keepers left in the nineteen sixties, and today a small museum in the "
+    "base tells the story of the ships that were lost on the reef nearby.",
+    "To bake a simple loaf, mix flour, water, salt and a little yeast, knead the dough until "
+    "it is smooth, and let it rise in a warm place for about an hour. Shape it, let it rise "
+    "again, and bake it in a hot oven until the crust is brown.",
+    "A violin has four strings tuned a fifth apart. The player draws a bow of horsehair "
+    "across the strings with one hand and presses them against the fingerboard with the "
+    "other, which changes the length of the vibrating string and so the pitch of the note.",
 ]
 EVAL_KW = {
     "window": 64,
@@ -53,13 +53,16 @@ EVAL_KW = {
     "greedy_prompt_len": 16,
     "greedy_tokens": 16,
 }
-# bf16 engine vs fp32 reference. Measured on TEXT: mean |d log p| 0.04-0.05 nats and at
-# most 0.3 at any token, at full depth as under plans (bf16 rounding through 30 layers, not
-# routing). Reading the wrong plan is off by 0.7-1.5 nats on average, far outside this.
+# bf16 engine vs fp32 reference. Measured on TEXT: mean |d log p| 0.040-0.045 nats and at
+# most 0.16 at any token, at full depth as under plans (bf16 rounding through 30 layers, not
+# routing); reading the wrong plan is off by 0.7-1.3 nats on average.
 MEAN_TOL = 0.06
 MAX_TOL = 0.4
 # The engine may flip the argmax only where the reference's top-2 gap is within its error.
+# This small model has many near-ties (only ~20 of 54 positions have a gap above this), so
+# overall agreement is 0.91-0.98 here; the wrong plan's reference agrees on 0.50-0.67.
 CONFIDENT_MARGIN = 2 * MAX_TOL
+MIN_AGREEMENT = 0.85
 
 
 # --------------------------------------------------------------------------- no engine
@@ -179,11 +182,14 @@ def test_teacher_forced_logprobs_match_reference(engines, ref, bucket) -> None:
         f"({agree[confident].mean():.3f} of {confident.sum()} confident)"
     )
     assert diff.mean() < MEAN_TOL and diff.max() < MAX_TOL
-    assert agree[confident].all() and agree.mean() >= 0.9
+    assert agree[confident].all() and agree.mean() >= MIN_AGREEMENT
     if bucket is not None:
         # the comparison can tell plans apart: full depth is the wrong reference here
-        wrong, _, _ = _reference(ref, ids_t, FULL)
-        assert np.abs(got.logprobs - wrong).mean() > 5 * MEAN_TOL
+        wrong, wrong_top1, _ = _reference(ref, ids_t, FULL)
+        wrong_diff = np.abs(got.logprobs - wrong).mean()
+        wrong_agree = (got.top1 == wrong_top1).mean()
+        print(f"  vs full-depth reference: mean |d| {wrong_diff:.3f}, top-1 {wrong_agree:.3f}")
+        assert wrong_diff > 5 * MEAN_TOL and wrong_agree < MIN_AGREEMENT
 
 
 @pytest.mark.engine

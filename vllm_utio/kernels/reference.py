@@ -51,9 +51,7 @@ def to_nhd(cache: torch.Tensor, layout: KVLayout) -> torch.Tensor:
     return cache if layout == "NHD" else cache.transpose(1, 2)
 
 
-def split_vllm_kv_cache(
-    kv_cache: torch.Tensor, head_dim: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def split_vllm_kv_cache(kv_cache: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """K and V ``"NHD"`` views of one layer's vLLM 0.32 FlashAttention cache tensor.
 
     vLLM 0.32 allocates ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` (K
@@ -71,7 +69,7 @@ def split_vllm_kv_cache(
 
 def throttle_positions(seq_len: int, num_sinks: int, window: int) -> torch.Tensor:
     """Sorted positions the throttle policy attends: ``[0, S)`` and ``[seq_len - W, seq_len)``."""
-    _check_policy(num_sinks, window)
+    check_policy(num_sinks, window)
     pos = torch.arange(seq_len)
     return pos[(pos < num_sinks) | (pos >= seq_len - window)]
 
@@ -84,7 +82,7 @@ def vslash_positions(
     slash_offsets: Sequence[int],
 ) -> torch.Tensor:
     """Sorted, duplicate-free positions of the vslash policy for one sequence (and KV head)."""
-    _check_offsets(slash_offsets)
+    check_slash_offsets(slash_offsets)
     vert = torch.as_tensor(verticals, dtype=torch.long).reshape(-1)
     slash = seq_len - 1 - torch.as_tensor(list(slash_offsets), dtype=torch.long)
     every = torch.cat([throttle_positions(seq_len, num_sinks, window), vert, slash])
@@ -130,8 +128,10 @@ def vslash_mask(
     per_head = verticals.cpu().reshape(len(lens), -1, verticals.shape[-1])
     heads = [
         positions_mask(
-            [vslash_positions(n, num_sinks, window, per_head[b, h], slash_offsets)
-             for b, n in enumerate(lens)],
+            [
+                vslash_positions(n, num_sinks, window, per_head[b, h], slash_offsets)
+                for b, n in enumerate(lens)
+            ],
             length,
         )
         for h in range(per_head.shape[1])
@@ -194,14 +194,23 @@ def sparse_decode_attention_ref(
     return out
 
 
-def _check_policy(num_sinks: int, window: int) -> None:
+def check_policy(num_sinks: int, window: int) -> None:
+    """``num_sinks >= 0`` and ``window >= 1``, both ints."""
+    for name, value in (("num_sinks", num_sinks), ("window", window)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if num_sinks < 0:
         raise ValueError(f"num_sinks must be >= 0, got {num_sinks}")
     if window < 1:
         raise ValueError(f"window must be >= 1 (the token attends to itself), got {window}")
 
 
-def _check_offsets(slash_offsets: Sequence[int]) -> None:
-    bad = [o for o in slash_offsets if int(o) < 0]
+def check_slash_offsets(slash_offsets: Sequence[int]) -> None:
+    """A sequence of ints ``>= 0`` (offset 0 is the current token)."""
+    if isinstance(slash_offsets, torch.Tensor) or not all(
+        isinstance(o, int) and not isinstance(o, bool) for o in slash_offsets
+    ):
+        raise TypeError(f"slash_offsets must be a sequence of ints, got {slash_offsets!r}")
+    bad = [o for o in slash_offsets if o < 0]
     if bad:
         raise ValueError(f"slash offsets must be >= 0 (0 is the current token), got {bad}")
