@@ -33,6 +33,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AttentionPolicy(_Strict):
+    """Which cached positions a decode token attends to (block-granular over the cache)."""
+
+    policy: Literal["dense", "throttle"] = Field(
+        default="dense",
+        description="'dense': every cached position; 'throttle': sinks + recent window only.",
+    )
+    sink_tokens: int = Field(
+        default=128,
+        ge=0,
+        description="Leading positions always kept (a multiple of the block size).",
+    )
+    recent_tokens: int = Field(
+        default=512, ge=1, description="Most recent positions kept (widened to whole blocks)."
+    )
+
+
 class BucketSpec(_Strict):
     """One depth bucket: which layers its requests run, and which scores it takes."""
 
@@ -47,6 +64,9 @@ class BucketSpec(_Strict):
     correction: str | None = Field(
         default=None,
         description="Exit-correction file applied where the stream rejoins (identity if unset).",
+    )
+    attention: AttentionPolicy = Field(
+        default=AttentionPolicy(), description="Attention policy of this bucket's decode tokens."
     )
 
     def skipped(self, num_layers: int) -> range:
@@ -123,6 +143,11 @@ class UtioConfig(_Strict):
         default="frozen_state",
         description="What skipped layers write into the paged KV cache.",
     )
+    attention_all: AttentionPolicy | None = Field(
+        default=None,
+        description="If set, this attention policy applies to every decode token, whatever "
+        "its bucket (for comparison with importance-gated sparse attention).",
+    )
     route_prefill: bool = Field(
         default=False, description="Route prefill tokens too (evaluation mode)."
     )
@@ -151,8 +176,10 @@ class UtioConfig(_Strict):
                 )
         return self
 
-    def check_against_model(self, num_layers: int) -> None:
-        """Checks that need the model's depth; raises UtioConfigError."""
+    def check_against_model(self, num_layers: int, block_size: int | None = None) -> None:
+        """Checks that need the model's depth (and KV block size); raises UtioConfigError."""
+        if block_size is not None:
+            self._check_attention(block_size)
         for i, b in enumerate(self.buckets):
             kept = b.keep_first + b.keep_last
             if kept > num_layers:
@@ -177,6 +204,18 @@ class UtioConfig(_Strict):
                 f"UTIO config field 'depth_floor': value {self.depth_floor} exceeds the model's "
                 f"{num_layers} layers; allowed: 1..{num_layers}"
             )
+
+    def _check_attention(self, block_size: int) -> None:
+        policies = [(f"buckets[{i}].attention", b.attention) for i, b in enumerate(self.buckets)]
+        if self.attention_all is not None:
+            policies.append(("attention_all", self.attention_all))
+        for where, pol in policies:
+            if pol.policy != "dense" and pol.sink_tokens % block_size:
+                raise UtioConfigError(
+                    f"UTIO config field '{where}.sink_tokens': value {pol.sink_tokens} is not a "
+                    f"multiple of the KV-cache block size {block_size}; allowed: 0, "
+                    f"{block_size}, {2 * block_size}, ..."
+                )
 
 
 def _format_validation_error(err: ValidationError) -> str:

@@ -22,6 +22,8 @@ class UtioStats:
     layer_tokens_run: int = 0
     layer_tokens_full: int = 0
     kv_fill_layer_tokens: int = 0  # K/V written for skipped layers
+    kv_tokens_read: int = 0  # cached positions decode tokens attended to, per step
+    kv_tokens_dense: int = 0  # ... and what dense attention would have read
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the layer loop, including KV fill

@@ -133,7 +133,10 @@ def _wrap_create_engine_config(cls: type) -> None:
         vllm_config = original(self, *args, **kwargs)
         if cfg.enabled:
             model_config = vllm_config.model_config
-            cfg.check_against_model(model_config.get_num_layers(vllm_config.parallel_config))
+            cfg.check_against_model(
+                model_config.get_num_layers(vllm_config.parallel_config),
+                vllm_config.cache_config.block_size,
+            )
         return vllm_config
 
     cls.create_engine_config = create_engine_config

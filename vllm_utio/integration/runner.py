@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_utio.config import UtioConfig, utio_config_from_additional
+from vllm_utio.attention_policy import restrict_block_table
+from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
 from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
 from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
@@ -55,6 +56,7 @@ class UtioRunnerMixin:
         self._utio_recorder = StepMetadataRecorder()
         self._utio_executor: DepthExecutor | None = None
         self._utio_route_s = 0.0
+        self._utio_kv_read = (0, 0)  # decode KV tokens read this step, and dense would read
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -203,13 +205,23 @@ class UtioRunnerMixin:
         ctx = get_forward_context()
         qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
         step_slots = ctx.slot_mapping
-        full = SubBatch(
-            np.arange(cm.num_reqs),
-            slice(0, int(qsl[-1])),
-            int(qsl[-1]),
-            ctx.attn_metadata,
-            step_slots,
-        )
+        throttled = self._utio_throttle(cm, levels, qsl)
+        if throttled is not None:
+            # sparse rows: every sub-batch (the full one too) derives from the restricted CM
+            cm = throttled
+            self._utio_recorder.recording = False
+            try:
+                full = build_sub_batch(cm, np.arange(cm.num_reqs), self.attn_groups, step_slots)
+            finally:
+                self._utio_recorder.recording = True
+        else:
+            full = SubBatch(
+                np.arange(cm.num_reqs),
+                slice(0, int(qsl[-1])),
+                int(qsl[-1]),
+                ctx.attn_metadata,
+                step_slots,
+            )
 
         def make_sub_batch(rows: np.ndarray) -> SubBatch:
             self._utio_recorder.recording = False
@@ -219,7 +231,7 @@ class UtioRunnerMixin:
                 self._utio_recorder.recording = True
 
         def use_sub_batch(sub: SubBatch):
-            if sub is full:
+            if sub.attn_metadata is ctx.attn_metadata:  # the step's own metadata
                 return contextlib.nullcontext()
             swapped = dataclasses.replace(
                 ctx, attn_metadata=sub.attn_metadata, slot_mapping=sub.slot_mapping
@@ -227,6 +239,51 @@ class UtioRunnerMixin:
             return override_forward_context(swapped)
 
         return StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
+
+    def _utio_policy_of_level(self, level: int) -> AttentionPolicy:
+        cfg = self.utio_cfg
+        if cfg.attention_all is not None:
+            return cfg.attention_all
+        if level == 0:
+            return AttentionPolicy()
+        return cfg.buckets[len(cfg.buckets) - level].attention
+
+    def _utio_throttle(self, cm: Any, levels: np.ndarray, qsl: np.ndarray) -> Any | None:
+        """A CM whose throttled decode rows read only sink + recent blocks (or None)."""
+        decode = (np.diff(qsl) == 1) & ~cm.is_prefilling.numpy()[: cm.num_reqs].astype(bool)
+        seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[: cm.num_reqs]
+        dense_read = int(seq_lens[decode].sum())
+        groups: dict[AttentionPolicy, list[int]] = {}
+        for row in np.flatnonzero(decode).tolist():
+            policy = self._utio_policy_of_level(int(levels[row]))
+            if policy.policy == "throttle":
+                groups.setdefault(policy, []).append(row)
+        if not groups:
+            self._utio_kv_read = (dense_read, dense_read)
+            return None
+        table = cm.block_table_tensor.cpu().numpy()
+        lens = seq_lens.copy()
+        read = dense_read
+        for policy, rows in groups.items():
+            table, lens, got, full = restrict_block_table(
+                table,
+                lens,
+                np.array(rows),
+                self.cache_config.block_size,
+                policy.sink_tokens,
+                policy.recent_tokens,
+            )
+            read -= full - got
+        self._utio_kv_read = (read, dense_read)
+        device = cm.block_table_tensor.device
+        lens_t = torch.from_numpy(lens)
+        return dataclasses.replace(
+            cm,
+            block_table_tensor=torch.from_numpy(table).to(device),
+            seq_lens=lens_t.to(cm.seq_lens.device, dtype=cm.seq_lens.dtype),
+            seq_lens_cpu_upper_bound=lens_t,
+            max_seq_len=int(lens.max()),
+        )
 
     def _utio_heat_per_row(self, heat_inputs: dict[str, Any], qsl: np.ndarray) -> np.ndarray:
         heat = np.full(len(qsl) - 1, np.nan)
@@ -249,6 +306,8 @@ class UtioRunnerMixin:
         stats.record_step(
             rows, per_level, self.utio_plans.layer_tokens(per_level), result.kv_fill_layer_tokens
         )
+        stats.kv_tokens_read += self._utio_kv_read[0]
+        stats.kv_tokens_dense += self._utio_kv_read[1]
         stats.routing_s += self._utio_route_s
         stats.metadata_s += result.metadata_s
         stats.forward_s += forward_s - result.metadata_s
