@@ -106,3 +106,29 @@ def test_percentiles_and_request_summary():
     assert row["output_tok_s"] == pytest.approx(50.0)
     assert row["ttft_ms_p50"] == pytest.approx(500.0)  # rank round(0.5 * 9) = 4 of 100..1000 ms
     assert row["itl_ms_p99"] == pytest.approx(100.0)
+
+
+def test_attach_quality_maps_reports_to_configs():
+    data = results.load(SAMPLE)
+
+    def report(bucket, delta):
+        return {
+            "ppl_full": 10.0,
+            "ppl_utio": 10.0 * (1 + delta),
+            "ppl_delta": delta,
+            "ppl_delta_ci": [delta - 0.1, delta + 0.1],
+            "top1_agreement": 0.5,
+            "greedy": {"token_agreement": 0.25},
+            "scored_tokens": 100,
+            "documents": 3,
+            "routing": {"teacher_forced": {"saved_fraction": 0.2}},
+            "extra_args": {"utio_bucket": bucket} if bucket else None,
+        }
+
+    out = {"reports": [report("skip6", 0.5), report(None, 0.1), report("other", 9.0)]}
+    filled = results.attach_quality(data, out, {"skip6": "utio-skip6", "routed": "utio-full"})
+    assert filled == ["utio-skip6", "utio-full"]
+    assert data["quality"]["utio-skip6"]["ppl_delta"] == 0.5
+    assert data["quality"]["utio-full"]["greedy_agreement"] == 0.25
+    assert "other" not in data["quality"]
+    results.validate(data)

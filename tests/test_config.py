@@ -40,7 +40,7 @@ BAD_CONFIGS = [
         ["plans must nest", "buckets[0] keeps (14 first"],
     ),
     ({"buckets": [SHALLOW, {**DEEP, "name": "shallow"}]}, ["bucket names must be unique"]),
-    ({"router": "oracle"}, ["field 'router'", "'oracle'", "'surrogate' or 'forced'"]),
+    ({"router": "oracle"}, ["field 'router'", "'oracle'", "'surrogate', 'forced' or 'probe'"]),
     ({"schedule": "fast"}, ["field 'schedule'", "'nested' or 'per_bucket'"]),
     ({"execution": "scatter"}, ["field 'execution'", "'auto', 'prefix' or 'gather'"]),
     ({"kv_policy": "zeros"}, ["field 'kv_policy'", "'frozen_state'"]),

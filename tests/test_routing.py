@@ -75,6 +75,16 @@ def test_combine_weights_and_missing_components():
     torch.testing.assert_close(signals.combine(comps, w), torch.tensor([0.25, 0.75]))
     only = signals.combine({"entropy": torch.tensor([0.4])}, w)  # outlier missing
     assert only[0] == pytest.approx(0.4)
+    # per-row missing values (NaN) drop out of that row's mean only
+    mixed = signals.combine(
+        {
+            "entropy": torch.tensor([1.0, float("nan"), float("nan")]),
+            "outlier": torch.tensor([0.0, 0.2, float("nan")]),
+        },
+        w,
+    )
+    assert mixed[0] == pytest.approx(0.25) and mixed[1] == pytest.approx(0.2)
+    assert torch.isnan(mixed[2])
     with pytest.raises(ValueError):
         signals.combine({"varentropy": torch.tensor([0.1])}, w)
 

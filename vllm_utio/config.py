@@ -101,10 +101,14 @@ class UtioConfig(_Strict):
     buckets: tuple[BucketSpec, ...] = Field(
         default=(), description="Shallow buckets, shallowest first; full depth is implicit."
     )
-    router: Literal["surrogate", "forced"] = Field(
+    router: Literal["surrogate", "forced", "probe"] = Field(
         default="surrogate",
         description="'surrogate': UTIO importance score; 'forced': a request's "
-        "SamplingParams.extra_args['utio_bucket'] names its bucket (tests, pinning).",
+        "SamplingParams.extra_args['utio_bucket'] names its bucket (tests, pinning); "
+        "'probe': a learned probe scores each token mid-forward (needs probe_path).",
+    )
+    probe_path: str | None = Field(
+        default=None, description="Probe weights file for router='probe' (utio-probe format)."
     )
     signal: SignalWeights = Field(
         default=SignalWeights(), description="Weights of the surrogate score's components."
@@ -154,6 +158,22 @@ class UtioConfig(_Strict):
     stats_log_interval_s: float = Field(
         default=10.0, ge=0.0, description="Seconds between stats log lines (0 = off)."
     )
+
+    @model_validator(mode="after")
+    def _probe_needs(self) -> UtioConfig:
+        if self.router == "probe":
+            if self.probe_path is None:
+                raise ValueError("router='probe' needs probe_path (a utio-probe weights file)")
+            if not self.buckets:
+                raise ValueError("router='probe' needs at least one bucket")
+            if self.execution == "prefix":
+                raise ValueError(
+                    "router='probe' routes mid-forward, after the batch order is fixed: "
+                    "execution must be 'gather' or 'auto', not 'prefix'"
+                )
+            if self.schedule != "nested":
+                raise ValueError("router='probe' needs schedule='nested'")
+        return self
 
     @model_validator(mode="after")
     def _buckets_nest(self) -> UtioConfig:

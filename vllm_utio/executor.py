@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from vllm_utio.corrections import Correction
-from vllm_utio.integration.attention import SubBatch
+from vllm_utio.integration.attention import SubBatch, token_selector
 from vllm_utio.integration.model_stack import DecoderStack
 from vllm_utio.plans import PlanSet
 
@@ -35,7 +35,8 @@ class StepResult:
     hidden: torch.Tensor
     kv_fill_layer_tokens: int = 0
     metadata_s: float = 0.0
-    heat_inputs: dict[str, Any] = field(default_factory=dict)  # routing-layer attention
+    # routing-layer attention captures: {"value", "output", "tokens"} per sub-batch run
+    heat_inputs: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class StepPlan:
     use_sub_batch: Callable[[SubBatch], AbstractContextManager]
     full: SubBatch  # every row, with the step's own metadata
     step_slot_mapping: dict[str, torch.Tensor]
+    # mid-forward routing: after this layer, route_mid(stream of each row's last token)
+    # gives the rows' levels for the rest of the step (gather/scatter execution only)
+    route_layer: int | None = None
+    route_mid: Callable[[torch.Tensor], np.ndarray] | None = None
 
 
 def _take(t: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,11 @@ class DepthExecutor:
             hidden, residual = self._run_layer(
                 layer, sub, hidden, residual, positions, plan, result
             )
+            if plan.route_mid is not None and layer == plan.route_layer:
+                last = torch.as_tensor(plan.query_start_loc[1:] - 1, device=hidden.device)
+                plan.levels = plan.route_mid(hidden[last] + residual[last])
+                subs.clear()  # sub-batches from here on follow the new levels
+                skips.clear()
         for level in self._rejoins.get(self.stack.num_layers, ()):
             self._correct(level, hidden, residual, plan)
         result.hidden = self.stack.final_norm(hidden, residual)
@@ -132,7 +142,7 @@ class DepthExecutor:
         sink: dict[str, Any] = {}
         with (
             plan.use_sub_batch(sub),
-            self.stack.capture_attention(layer, sink) if capture else _null(),
+            self.stack.capture_attention(layer, sink) if capture else nullcontext(),
         ):
             if sub is plan.full:
                 hidden, residual = self.stack.run_layer(layer, positions, hidden, residual)
@@ -150,7 +160,7 @@ class DepthExecutor:
                 _put(residual, sel, r_out)
         if capture:
             sink["tokens"] = sub.tokens
-            result.heat_inputs = sink
+            result.heat_inputs.append(sink)
         return hidden, residual
 
     def _fill_skipped(self, layer, hidden, residual, positions, skip_sel, plan) -> int:
@@ -203,8 +213,15 @@ class DepthExecutor:
                     and self.corrections[level] is not None
                 ):
                     h = h + self.corrections[level].delta(h + res)
-                with plan.use_sub_batch(sub):
+                sink: dict[str, Any] = {}
+                capture = layer == self.heat_layer
+                with (
+                    plan.use_sub_batch(sub),
+                    self.stack.capture_attention(layer, sink) if capture else nullcontext(),
+                ):
                     h, res = self.stack.run_layer(layer, pos, h, res)
+                if capture:
+                    result.heat_inputs.append({**sink, "tokens": sub.tokens})
             if (
                 plan_k.skip_stop == plan_k.num_layers
                 and self.corrections[level] is not None
@@ -217,8 +234,6 @@ class DepthExecutor:
 
 
 def _selector(rows: np.ndarray, query_start_loc: np.ndarray) -> slice | torch.Tensor:
-    from vllm_utio.integration.attention import token_selector
-
     sel = token_selector(rows, query_start_loc)
     if isinstance(sel, slice):
         return sel
@@ -234,11 +249,3 @@ def _device_sel(sel, device) -> slice | torch.Tensor:
 
 def _empty_sub(rows: np.ndarray) -> SubBatch:
     return SubBatch(rows, slice(0, 0), 0, {}, {})
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None

@@ -164,3 +164,36 @@ def load(path: str | Path) -> dict[str, Any]:
     results = json.loads(Path(path).read_text())
     validate(results)
     return results
+
+
+def quality_entry(report: dict[str, Any]) -> dict[str, Any]:
+    """The quality fields a results file keeps per config, from a `vllm-utio eval` report."""
+    forced = report["routing"]["teacher_forced"]
+    return {
+        "ppl_full": report["ppl_full"],
+        "ppl_utio": report["ppl_utio"],
+        "ppl_delta": report["ppl_delta"],
+        "ppl_delta_ci": report["ppl_delta_ci"],
+        "top1_agreement": report["top1_agreement"],
+        "greedy_agreement": report["greedy"]["token_agreement"],
+        "scored_tokens": report["scored_tokens"],
+        "documents": report["documents"],
+        "saved_fraction_teacher_forced": forced["saved_fraction"],
+    }
+
+
+def attach_quality(
+    results: dict[str, Any], eval_output: dict[str, Any], mapping: dict[str, str]
+) -> list[str]:
+    """Copy eval reports into ``results["quality"]``; ``mapping``: report key -> config.
+
+    A report's key is its forced bucket (``extra_args.utio_bucket``) or ``"routed"``.
+    Returns the configs filled.
+    """
+    filled = []
+    for report in eval_output["reports"]:
+        key = (report.get("extra_args") or {}).get("utio_bucket", "routed")
+        if key in mapping:
+            results.setdefault("quality", {})[mapping[key]] = quality_entry(report)
+            filled.append(mapping[key])
+    return filled

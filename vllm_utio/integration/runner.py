@@ -23,7 +23,12 @@ import numpy as np
 import torch
 
 from vllm_utio.attention_policy import restrict_block_table
-from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
+from vllm_utio.config import (
+    AttentionPolicy,
+    UtioConfig,
+    UtioConfigError,
+    utio_config_from_additional,
+)
 from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
 from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
@@ -34,9 +39,11 @@ from vllm_utio.routing import signals
 from vllm_utio.routing.bucketing import (
     deepest_first_order,
     finalize_levels,
+    levels_from_scores,
     swaps_for_permutation,
     tokens_per_level,
 )
+from vllm_utio.routing.probe import Probe, load_probe
 from vllm_utio.routing.routers import RoutingBatch, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
 
@@ -84,6 +91,7 @@ class UtioRunnerMixin:
         )
         self._utio_num_kv_heads = stack.num_kv_heads()
         self._utio_router = make_router(cfg)
+        self._utio_probe = self._utio_load_probe(hidden_size) if cfg.router == "probe" else None
         logger.info(
             "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
             num_layers,
@@ -92,6 +100,23 @@ class UtioRunnerMixin:
             cfg.schedule,
             self._utio_execution(),
         )
+
+    def _utio_load_probe(self, hidden_size: int) -> Probe:
+        probe = load_probe(self.utio_cfg.probe_path, hidden_size)
+        last_shared = min(b.keep_first for b in self.utio_cfg.buckets) - 1
+        if not 0 <= probe.layer <= last_shared:
+            raise UtioConfigError(
+                f"UTIO config field 'probe_path': the probe reads layer {probe.layer}, but every "
+                f"bucket must run it; allowed: 0..{last_shared} (the shallowest keep_first - 1)"
+            )
+        return probe
+
+    def _utio_route_mid(self, stream: torch.Tensor) -> np.ndarray:
+        """Levels from the probe's scores of each row's last token (mid-forward)."""
+        scores = self._utio_probe.scores(stream).cpu().numpy()
+        desired = levels_from_scores(scores, [b.max_score for b in self.utio_cfg.buckets])
+        routable, tokens = self._utio_routable
+        return finalize_levels(desired, routable, tokens, self.utio_plans, self.utio_cfg)
 
     def _utio_heat_layer(self, num_layers: int) -> int:
         """The attention-heat layer: configured, else the last layer every level runs."""
@@ -112,6 +137,8 @@ class UtioRunnerMixin:
 
     def _utio_execution(self) -> str:
         mode = self.utio_cfg.execution
+        if self.utio_cfg.router == "probe":
+            return "gather"  # levels are decided mid-forward, after the order is fixed
         if mode == "auto":
             # Backends that reorder decodes first keep their order: gather/scatter then.
             return "gather" if self.reorder_batch_threshold is not None else "prefix"
@@ -139,26 +166,28 @@ class UtioRunnerMixin:
         if not cfg.buckets or n == 0:
             return np.zeros(n, dtype=np.int64)
         routable = np.zeros(n, dtype=bool)
-        scores = np.full(n, np.nan)
         extra: list[dict[str, Any] | None] = []
         for i, req_id in enumerate(req_ids):
             state = self.requests[req_id]
             decoding = state.num_computed_tokens >= state.num_prompt_tokens and tokens[i] == 1
             routable[i] = decoding or cfg.route_prefill
-            sig = self._utio_signals.get(req_id)
-            if sig is not None:
-                scores[i] = self._utio_score(sig)
             params = state.sampling_params
             extra.append(params.extra_args if params is not None else None)
+        scores = self._utio_scores(req_ids) if cfg.router == "surrogate" else np.full(n, np.nan)
+        self._utio_routable = (routable, tokens)
+        if cfg.router == "probe":
+            return np.zeros(n, dtype=np.int64)  # decided mid-forward
         desired = self._utio_router.route(RoutingBatch(req_ids, scores, extra))
         return finalize_levels(desired, routable, tokens, self.utio_plans, cfg)
 
-    def _utio_score(self, sig: dict[str, float]) -> float:
-        comps = {k: torch.tensor([v]) for k, v in sig.items() if not np.isnan(v)}
-        try:
-            return float(signals.combine(comps, self.utio_cfg.signal)[0])
-        except ValueError:
-            return float("nan")
+    def _utio_scores(self, req_ids: list[str]) -> np.ndarray:
+        """Surrogate score per request from its previous step (NaN: none yet)."""
+        comps = {c: np.full(len(req_ids), np.nan) for c in signals.COMPONENTS}
+        for i, req_id in enumerate(req_ids):
+            for name, value in self._utio_signals.get(req_id, {}).items():
+                comps[name][i] = value
+        tensors = {k: torch.from_numpy(v) for k, v in comps.items()}
+        return signals.combine(tensors, self.utio_cfg.signal).numpy()
 
     # --- the step ----------------------------------------------------------------
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
@@ -196,7 +225,7 @@ class UtioRunnerMixin:
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
         forward_s = time.perf_counter() - t0
         self._utio_heat = self._utio_heat_per_row(result.heat_inputs, plan.query_start_loc)
-        self._utio_record(levels, plan.query_start_loc, result, forward_s)
+        self._utio_record(plan.levels, plan.query_start_loc, result, forward_s)
         return result.hidden
 
     def _utio_step_plan(self, cm: Any, levels: np.ndarray) -> StepPlan:
@@ -238,7 +267,10 @@ class UtioRunnerMixin:
             )
             return override_forward_context(swapped)
 
-        return StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
+        plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
+        if self._utio_probe is not None:
+            plan.route_layer, plan.route_mid = self._utio_probe.layer, self._utio_route_mid
+        return plan
 
     def _utio_policy_of_level(self, level: int) -> AttentionPolicy:
         cfg = self.utio_cfg
@@ -285,17 +317,17 @@ class UtioRunnerMixin:
             max_seq_len=int(lens.max()),
         )
 
-    def _utio_heat_per_row(self, heat_inputs: dict[str, Any], qsl: np.ndarray) -> np.ndarray:
+    def _utio_heat_per_row(self, captures: list[dict[str, Any]], qsl: np.ndarray) -> np.ndarray:
+        """Attention heat of each row's last token (NaN where it did not run the layer)."""
         heat = np.full(len(qsl) - 1, np.nan)
-        if not heat_inputs or self.utio_cfg.signal.attention_heat == 0.0:
+        if not captures or self.utio_cfg.signal.attention_heat == 0.0:
             return heat
         per_token = np.full(int(qsl[-1]), np.nan)
-        values = signals.attention_heat(
-            heat_inputs["output"], heat_inputs["value"], self._utio_num_kv_heads
-        )
-        tokens = heat_inputs["tokens"]
-        idx = np.arange(int(qsl[-1]))[tokens] if isinstance(tokens, slice) else tokens.numpy()
-        per_token[idx] = values.cpu().numpy()
+        for cap in captures:
+            values = signals.attention_heat(cap["output"], cap["value"], self._utio_num_kv_heads)
+            tokens = cap["tokens"]
+            idx = np.arange(int(qsl[-1]))[tokens] if isinstance(tokens, slice) else tokens.numpy()
+            per_token[idx] = values.cpu().numpy()
         return per_token[qsl[1:] - 1]
 
     def _utio_record(self, levels, qsl, result, forward_s: float) -> None:
@@ -323,8 +355,8 @@ class UtioRunnerMixin:
         return super().sample_tokens(grammar_output)
 
     def _utio_update_signals(self, state: Any) -> None:
-        if self.utio_cfg.router == "forced" or state.spec_decode_metadata is not None:
-            return
+        if self.utio_cfg.router != "surrogate" or state.spec_decode_metadata is not None:
+            return  # only the surrogate score uses the previous step's signals
         w = self.utio_cfg.signal
         n = self.input_batch.num_reqs
         logits = state.logits[:n]

@@ -78,6 +78,7 @@ class ForcedRouter:
 
 
 def make_router(cfg: UtioConfig) -> Router:
+    """The pre-step router ('probe' routes mid-forward instead, see routing/probe.py)."""
     if cfg.router == "forced":
         return ForcedRouter(cfg)
     return SurrogateRouter(cfg)

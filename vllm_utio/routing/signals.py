@@ -57,16 +57,20 @@ def attention_heat(attn_out: torch.Tensor, value: torch.Tensor, num_kv_heads: in
 
 
 def combine(components: dict[str, torch.Tensor], weights: SignalWeights) -> torch.Tensor:
-    """Weighted mean of the components present; missing ones drop out of the mean."""
-    total = None
-    norm = 0.0
+    """Weighted mean per row of the components present; NaN marks a missing value.
+
+    A row's missing components drop out of its mean; a row with none gets NaN.
+    """
+    total = norm = None
     for name in COMPONENTS:
         w = float(getattr(weights, name))
         if w == 0.0 or name not in components:
             continue
-        term = w * components[name].float()
+        c = components[name].float()
+        present = ~torch.isnan(c)
+        term, mass = w * torch.nan_to_num(c), w * present.float()
         total = term if total is None else total + term
-        norm += w
+        norm = mass if norm is None else norm + mass
     if total is None:
         raise ValueError("no weighted signal component is available")
-    return (total / norm).clamp(0.0, 1.0)
+    return torch.where(norm > 0, total / norm.clamp_min(1e-12), torch.nan).clamp(0.0, 1.0)

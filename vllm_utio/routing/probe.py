@@ -1,0 +1,68 @@
+"""A learned probe router that scores tokens mid-forward, on the residual stream.
+
+File format (safetensors): ``weight`` [H] and ``bias`` [1] (float32); metadata
+``{"format": "utio-probe", "version": "1", "hidden_size": "H", "layer": "r"}``.
+The probe reads the residual stream after layer ``r`` (the input of layer ``r + 1``),
+RMS-normalizes it (scale-free) and scores ``sigmoid(weight . x / rms(x) + bias)`` in
+[0, 1]; like the surrogate score, a low score sends the token shallower (bucket
+``max_score`` thresholds). ``r`` must be a layer every bucket runs, so the decision is
+made before any row leaves the batch; rows then move with gather/scatter, because the
+batch order was fixed before the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+FORMAT = "utio-probe"
+VERSION = "1"
+
+
+@dataclass
+class Probe:
+    weight: torch.Tensor  # [H]
+    bias: torch.Tensor  # [1]
+    layer: int
+
+    def scores(self, stream: torch.Tensor) -> torch.Tensor:
+        """Score per row of ``stream`` [N, H] (float32, in [0, 1])."""
+        x = stream.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return torch.sigmoid(x @ self.weight.float() + self.bias.float())
+
+
+def save_probe(path: str | Path, probe: Probe) -> None:
+    from safetensors.torch import save_file
+
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "hidden_size": str(probe.weight.numel()),
+        "layer": str(probe.layer),
+    }
+    tensors = {"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_probe(path: str | Path, hidden_size: int) -> Probe:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"UTIO probe file not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise ValueError(
+                f"{path}: not a UTIO probe file (metadata format={meta.get('format')!r}, "
+                f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})"
+            )
+        weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    if weight.numel() != hidden_size:
+        raise ValueError(
+            f"{path}: probe is for hidden size {weight.numel()}, model has {hidden_size}"
+        )
+    return Probe(weight.reshape(-1), bias.reshape(1), int(meta["layer"]))
