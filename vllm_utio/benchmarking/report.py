@@ -112,7 +112,8 @@ def plot_pareto(results: dict[str, Any], path: Path, batch: int | None = None) -
         up = ups.get((config, batch, plen))
         if up is None or q.get("ppl_delta") is None:
             continue
-        marker = "s" if "static" in config else "o"
+        pinned = any(c["name"] == config and c.get("pin") for c in results["configs"])
+        marker = "s" if pinned else "o"
         ax.scatter(100 * q["ppl_delta"], up, marker=marker, s=50)
         ax.annotate(
             config,
@@ -124,7 +125,7 @@ def plot_pareto(results: dict[str, Any], path: Path, batch: int | None = None) -
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xlabel("perplexity increase vs full model (%)")
     ax.set_ylabel(f"decode speedup vs vanilla (batch {batch}, prompt {plen})")
-    ax.set_title("speed vs quality (squares: static baselines)")
+    ax.set_title("speed vs quality (squares: static, every token pinned to one plan)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
