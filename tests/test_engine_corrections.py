@@ -1,6 +1,7 @@
-"""Exit corrections through the engine: loaded from the documented file format and
-applied exactly where the skipped stream rejoins (checked via every layer's K/V against
-the reference with the same correction)."""
+"""Exit corrections and prefill routing through the engine: a correction loaded from the
+documented file format is applied exactly where the skipped stream rejoins, and with
+``route_prefill`` a request's (chunked) prefill follows its plan with the same KV rule;
+both checked via every layer's K/V against the reference."""
 
 from __future__ import annotations
 
@@ -26,22 +27,29 @@ def corrected_llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("corr") / "shallow.safetensors"
     save_correction(path, Correction(down, up, torch.zeros(HIDDEN)))
     buckets = [{**BUCKETS[0], "correction": str(path)}, BUCKETS[1]]
-    llm = make_llm({"enabled": True, "router": "forced", "buckets": buckets})
+    llm = make_llm({"enabled": True, "router": "forced", "buckets": buckets, "route_prefill": True})
     yield llm, str(path)
     shutdown(llm)
 
 
-def test_correction_applied_at_rejoin(corrected_llm):
+def test_correction_and_prefill_routing(corrected_llm):
     llm, path = corrected_llm
     engine = llm.llm_engine
-    prompt = "The history of the river valley is long. " * 6
+    # > 256 tokens: prefilled in two chunks (token budget 256), both routed shallow
+    prompt = "The history of the river valley is long. " * 30
     engine.add_request("corr-a", prompt, _params("shallow", 48))
     cached = _run_until(engine, "corr-a", 24)
     prompt_len = len(llm.get_tokenizer().encode(prompt))
-    ranges = [(prompt_len, cached, *SHALLOW)]
-    args = ("corr-a", model_path(), ranges, cached)
+    assert prompt_len > 256
+    every = [(0, cached, *SHALLOW)]  # prompt and decode positions all ran shallow
+    args = ("corr-a", model_path(), every, cached)
     with_corr = llm.collective_rpc(kv_relative_errors, args=(*args, {SHALLOW: path}))[0]
     without = llm.collective_rpc(kv_relative_errors, args=args)[0]
+    # wrong expectation: the prompt ran full depth (what happens without route_prefill)
+    prompt_full = [(0, prompt_len, 30, 0), (prompt_len, cached, *SHALLOW)]
+    prefill_wrong = llm.collective_rpc(
+        kv_relative_errors, args=("corr-a", model_path(), prompt_full, cached, {SHALLOW: path})
+    )[0]
     engine.abort_request(["corr-a"])
     while engine.has_unfinished_requests():
         engine.step()
@@ -50,6 +58,8 @@ def test_correction_applied_at_rejoin(corrected_llm):
     # before the rejoin the correction changes nothing; from it on, ignoring it is wrong
     assert max(without["range1"][:rejoin]) < TOLERANCE
     assert min(without["range1"][rejoin:]) > 2 * TOLERANCE, without["range1"]
+    skipped = range(SHALLOW[0] + 1, 30 - SHALLOW[1])
+    assert min(prefill_wrong["range1"][layer] for layer in skipped) > 2 * TOLERANCE
 
 
 def test_correction_file_errors(tmp_path):
