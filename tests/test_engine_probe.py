@@ -74,5 +74,5 @@ def test_probe_routes_mid_forward_like_forced_pinning(forced_llm, tmp_path):
 def test_probe_layer_must_run_in_every_bucket(tmp_path):
     path = tmp_path / "late.safetensors"
     save_probe(path, Probe(torch.zeros(HIDDEN), torch.tensor([0.0]), layer=15))
-    with pytest.raises(Exception, match="the probe reads layer 15"):
+    with pytest.raises(UtioConfigError, match="the probe reads layer 15"):
         make_llm({"enabled": True, "router": "probe", "probe_path": str(path), "buckets": BUCKETS})

@@ -137,6 +137,10 @@ def _wrap_create_engine_config(cls: type) -> None:
                 model_config.get_num_layers(vllm_config.parallel_config),
                 vllm_config.cache_config.block_size,
             )
+            if cfg.router == "probe":  # fail here, not inside a worker process
+                from vllm_utio.routing.probe import load_checked_probe
+
+                load_checked_probe(cfg, model_config.get_hidden_size())
         return vllm_config
 
     cls.create_engine_config = create_engine_config

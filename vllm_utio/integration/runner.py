@@ -23,12 +23,7 @@ import numpy as np
 import torch
 
 from vllm_utio.attention_policy import restrict_block_table
-from vllm_utio.config import (
-    AttentionPolicy,
-    UtioConfig,
-    UtioConfigError,
-    utio_config_from_additional,
-)
+from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
 from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
 from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
@@ -43,7 +38,7 @@ from vllm_utio.routing.bucketing import (
     swaps_for_permutation,
     tokens_per_level,
 )
-from vllm_utio.routing.probe import Probe, load_probe
+from vllm_utio.routing.probe import load_checked_probe
 from vllm_utio.routing.routers import RoutingBatch, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
 
@@ -91,7 +86,7 @@ class UtioRunnerMixin:
         )
         self._utio_num_kv_heads = stack.num_kv_heads()
         self._utio_router = make_router(cfg)
-        self._utio_probe = self._utio_load_probe(hidden_size) if cfg.router == "probe" else None
+        self._utio_probe = load_checked_probe(cfg, hidden_size) if cfg.router == "probe" else None
         logger.info(
             "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
             num_layers,
@@ -100,16 +95,6 @@ class UtioRunnerMixin:
             cfg.schedule,
             self._utio_execution(),
         )
-
-    def _utio_load_probe(self, hidden_size: int) -> Probe:
-        probe = load_probe(self.utio_cfg.probe_path, hidden_size)
-        last_shared = min(b.keep_first for b in self.utio_cfg.buckets) - 1
-        if not 0 <= probe.layer <= last_shared:
-            raise UtioConfigError(
-                f"UTIO config field 'probe_path': the probe reads layer {probe.layer}, but every "
-                f"bucket must run it; allowed: 0..{last_shared} (the shallowest keep_first - 1)"
-            )
-        return probe
 
     def _utio_route_mid(self, stream: torch.Tensor) -> np.ndarray:
         """Levels from the probe's scores of each row's last token (mid-forward)."""

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_utio.config import UtioConfig, UtioConfigError
+
 FORMAT = "utio-probe"
 VERSION = "1"
 
@@ -66,3 +68,18 @@ def load_probe(path: str | Path, hidden_size: int) -> Probe:
             f"{path}: probe is for hidden size {weight.numel()}, model has {hidden_size}"
         )
     return Probe(weight.reshape(-1), bias.reshape(1), int(meta["layer"]))
+
+
+def load_checked_probe(cfg: UtioConfig, hidden_size: int) -> Probe:
+    """The configured probe, checked against the model and the buckets (UtioConfigError)."""
+    try:
+        probe = load_probe(cfg.probe_path, hidden_size)
+    except (OSError, ValueError) as err:
+        raise UtioConfigError(f"UTIO config field 'probe_path': {err}") from None
+    last_shared = min(b.keep_first for b in cfg.buckets) - 1
+    if not 0 <= probe.layer <= last_shared:
+        raise UtioConfigError(
+            f"UTIO config field 'probe_path': the probe reads layer {probe.layer}, but every "
+            f"bucket must run it; allowed: 0..{last_shared} (the shallowest keep_first - 1)"
+        )
+    return probe
