@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from vllm_utio.tagged_files import load_tagged, save_tagged
+
 FORMAT = "utio-correction"
 VERSION = "1"
 
@@ -39,30 +41,14 @@ class Correction(torch.nn.Module):
 
 
 def save_correction(path: str | Path, corr: Correction) -> None:
-    from safetensors.torch import save_file
-
     tensors = {"down": corr.down.contiguous(), "up": corr.up.contiguous(), "bias": corr.bias}
-    meta = {"format": FORMAT, "version": VERSION, "hidden_size": str(corr.hidden_size)}
-    save_file(tensors, str(path), metadata=meta)
+    save_tagged(path, tensors, FORMAT, VERSION, hidden_size=str(corr.hidden_size))
 
 
 def load_correction(
     path: str | Path, hidden_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> Correction:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"UTIO exit-correction file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(
-                f"{path}: not a UTIO correction file (metadata format={meta.get('format')!r}, "
-                f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})"
-            )
-        names = set(f.keys())
-        tensors = {k: f.get_tensor(k) for k in names}
+    _, tensors = load_tagged(path, FORMAT, VERSION, "correction")
     corr = Correction(tensors["down"], tensors["up"], tensors.get("bias"))
     if corr.hidden_size != hidden_size:
         raise ValueError(

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from vllm_utio.config import UtioConfig, UtioConfigError
+from vllm_utio.tagged_files import load_tagged, save_tagged
 
 FORMAT = "utio-probe"
 VERSION = "1"
@@ -37,32 +38,14 @@ class Probe:
 
 
 def save_probe(path: str | Path, probe: Probe) -> None:
-    from safetensors.torch import save_file
-
-    meta = {
-        "format": FORMAT,
-        "version": VERSION,
-        "hidden_size": str(probe.weight.numel()),
-        "layer": str(probe.layer),
-    }
     tensors = {"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)}
-    save_file(tensors, str(path), metadata=meta)
+    meta = {"hidden_size": str(probe.weight.numel()), "layer": str(probe.layer)}
+    save_tagged(path, tensors, FORMAT, VERSION, **meta)
 
 
 def load_probe(path: str | Path, hidden_size: int) -> Probe:
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"UTIO probe file not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-            raise ValueError(
-                f"{path}: not a UTIO probe file (metadata format={meta.get('format')!r}, "
-                f"version={meta.get('version')!r}; expected {FORMAT!r} version {VERSION})"
-            )
-        weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
+    meta, tensors = load_tagged(path, FORMAT, VERSION, "probe")
+    weight, bias = tensors["weight"], tensors["bias"]
     if weight.numel() != hidden_size:
         raise ValueError(
             f"{path}: probe is for hidden size {weight.numel()}, model has {hidden_size}"
