@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     ),
     "report": ("vllm_utio.benchmarking.report", "markdown report and plots from a results file"),
     "setup-assets": ("vllm_utio.assets.cli", "build the default model and evaluation text"),
+    "calibrate": ("vllm_utio.calibration.cli", "fit layer plans, exit corrections and a router"),
 }
 
 
