@@ -175,3 +175,17 @@ def test_swaps_realize_deepest_first_order(seed):
     for k in range(3):
         kept = [r for r in rows if levels[r] == k]
         assert kept == sorted(kept)
+
+
+def test_signals_and_routing_are_deterministic():
+    torch.manual_seed(1)
+    logits, hidden = torch.randn(6, 300), torch.randn(6, 32)
+    w = SignalWeights(entropy=0.4, attention_heat=0.0, outlier=0.3, varentropy=0.3)
+
+    def route() -> list[int]:
+        ent, var = signals.entropy_and_varentropy(logits)
+        comps = {"entropy": ent, "varentropy": var, "outlier": signals.outlierness(hidden)}
+        scores = signals.combine(comps, w).numpy()
+        return SurrogateRouter(cfg()).route(RoutingBatch(list("abcdef"), scores)).tolist()
+
+    assert route() == route()
