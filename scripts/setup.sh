@@ -35,4 +35,6 @@ fi
 
 "$PY" -m vllm_utio.assets.model
 "$PY" -m vllm_utio.assets.data
+# The default model's calibration artifact ("artifact": "default"), a few minutes.
+"$PY" -m vllm_utio.assets.artifact
 echo "[setup] done: venv $VENV"

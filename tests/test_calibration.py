@@ -173,7 +173,8 @@ def calibrated(reference):
         held_windows=12,
         search_windows=2,
         rank=32,
-        train_minutes=0.0,
+        train_steps=2,  # reproducible: bounded by steps, not seconds
+        curve_windows=2,
         progress=False,
     )
     p: Prepared = prepare(settings)
@@ -210,3 +211,13 @@ def test_learned_router_beats_random_at_equal_savings(calibrated) -> None:
     assert all(r.saved == pytest.approx(probe["saved"]) for r in randoms)
     mean_random = sum(r.ppl_increase for r in randoms) / len(randoms)
     assert probe["ppl_increase"] < mean_random, (probe, [r.ppl_increase for r in randoms])
+
+
+@needs_model
+def test_training_is_bounded_by_steps_and_measured(calibrated) -> None:
+    _, cal = calibrated
+    (result,) = cal.training
+    assert result.steps == 2
+    # the curve: held-out quality before and after training, both finite
+    assert [c.steps for c in result.curve] == [0, 2]
+    assert all(v == v for c in result.curve for v in c.metrics.values())

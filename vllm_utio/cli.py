@@ -13,7 +13,15 @@ import sys
 # subcommand -> (module with add_arguments(parser) and run(args) -> int, help)
 SUBCOMMANDS = {
     "eval": ("vllm_utio.evaluation.quality_cli", "quality of a UTIO config vs the full model"),
+    "eval-long": (
+        "vllm_utio.evaluation.long_cli",
+        "long-context quality of sparse attention policies: perplexity, agreement, needles",
+    ),
     "bench": ("vllm_utio.benchmarking.suite", "offline throughput: UTIO configs vs vanilla vLLM"),
+    "bench-long": (
+        "vllm_utio.benchmarking.long_context",
+        "long-context decode speed of sparse attention policies (dense vs throttle, ...)",
+    ),
     "bench-serve": (
         "vllm_utio.benchmarking.serving_suite",
         "serving: vllm serve with and without --enable-utio, ShareGPT prompts",

@@ -20,7 +20,14 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 UTIO_KEY = "utio"
 
@@ -36,9 +43,10 @@ class _Strict(BaseModel):
 class AttentionPolicy(_Strict):
     """Which cached positions a decode token attends to (block-granular over the cache)."""
 
-    policy: Literal["dense", "throttle"] = Field(
+    policy: Literal["dense", "throttle", "vslash"] = Field(
         default="dense",
-        description="'dense': every cached position; 'throttle': sinks + recent window only.",
+        description="'dense': every cached position; 'throttle': sinks + recent window only; "
+        "'vslash': throttle's blocks + slash blocks + the most-attended ('vertical') blocks.",
     )
     sink_tokens: int = Field(
         default=128,
@@ -48,6 +56,37 @@ class AttentionPolicy(_Strict):
     recent_tokens: int = Field(
         default=512, ge=1, description="Most recent positions kept (widened to whole blocks)."
     )
+    vertical_blocks: int = Field(
+        default=4,
+        ge=0,
+        description="vslash: extra blocks kept, those with the highest attention mass "
+        "estimated at the routing layer on the request's previous step.",
+    )
+    slash_offsets: tuple[int, ...] = Field(
+        default=(),
+        description="vslash: distinct offsets o >= 0 (tokens back from the current position); "
+        "the block holding position seq_len - 1 - o is kept.",
+    )
+
+    @model_validator(mode="after")
+    def _vslash_fields(self) -> AttentionPolicy:
+        if self.policy != "vslash":
+            stray = sorted({"vertical_blocks", "slash_offsets"} & self.model_fields_set)
+            if stray:
+                raise ValueError(
+                    f"{' and '.join(stray)} only apply to policy 'vslash', not "
+                    f"{self.policy!r}; set policy='vslash' or remove them"
+                )
+        return self
+
+    @field_validator("slash_offsets")
+    @classmethod
+    def _valid_offsets(cls, offsets: tuple[int, ...]) -> tuple[int, ...]:
+        if any(o < 0 for o in offsets):
+            raise ValueError("offsets must be >= 0 (0 is the current token)")
+        if len(set(offsets)) != len(offsets):
+            raise ValueError("offsets must be distinct")
+        return offsets
 
 
 class BucketSpec(_Strict):
@@ -108,7 +147,16 @@ class UtioConfig(_Strict):
         "'probe': a learned probe scores each token mid-forward (needs probe_path).",
     )
     probe_path: str | None = Field(
-        default=None, description="Probe weights file for router='probe' (utio-probe format)."
+        default=None,
+        description="Probe weights file for router='probe' (utio-probe or utio-router format).",
+    )
+    artifact: str | None = Field(
+        default=None,
+        description="Calibration artifact directory from `vllm-utio calibrate` ('default': "
+        "the embedded model's, built at set-up). It provides buckets (with exit corrections), "
+        "the calibrated router (probe if present, else surrogate thresholds) and signal "
+        "settings; 'router', 'signal' and 'routing_layer' set here win. Checked against the "
+        "served model.",
     )
     signal: SignalWeights = Field(
         default=SignalWeights(), description="Weights of the surrogate score's components."
@@ -161,6 +209,14 @@ class UtioConfig(_Strict):
 
     @model_validator(mode="after")
     def _probe_needs(self) -> UtioConfig:
+        if self.artifact is not None:
+            for name in ("buckets", "probe_path"):
+                if getattr(self, name):
+                    raise ValueError(
+                        f"'{name}' conflicts with 'artifact' (the artifact provides buckets "
+                        "and probe_path); remove one of them"
+                    )
+            return self  # the rest is checked once the artifact is expanded
         if self.router == "probe":
             if self.probe_path is None:
                 raise ValueError("router='probe' needs probe_path (a utio-probe weights file)")
@@ -200,6 +256,7 @@ class UtioConfig(_Strict):
         """Checks that need the model's depth (and KV block size); raises UtioConfigError."""
         if block_size is not None:
             self._check_attention(block_size)
+        self._check_vslash_estimate(num_layers)
         for i, b in enumerate(self.buckets):
             kept = b.keep_first + b.keep_last
             if kept > num_layers:
@@ -235,6 +292,23 @@ class UtioConfig(_Strict):
                     f"UTIO config field '{where}.sink_tokens': value {pol.sink_tokens} is not a "
                     f"multiple of the KV-cache block size {block_size}; allowed: 0, "
                     f"{block_size}, {2 * block_size}, ..."
+                )
+
+    def _check_vslash_estimate(self, num_layers: int) -> None:
+        """vslash rows must run the layer where their verticals are estimated."""
+        if self.routing_layer is None:
+            return  # the default (keep_first - 1 of the shallowest bucket) runs everywhere
+        layer = self.routing_layer
+        for i, b in enumerate(self.buckets):
+            pol = self.attention_all or b.attention
+            if pol.policy == "vslash" and layer in b.skipped(num_layers):
+                where = "attention_all" if self.attention_all else f"buckets[{i}].attention"
+                raise UtioConfigError(
+                    f"UTIO config field '{where}.policy': value 'vslash' estimates its vertical "
+                    f"blocks at routing_layer={layer}, which bucket {b.name!r} skips (layers "
+                    f"{b.keep_first}..{num_layers - b.keep_last - 1}); allowed: a routing_layer "
+                    f"below {b.keep_first} or from {num_layers - b.keep_last}, or policy "
+                    "'throttle'"
                 )
 
 

@@ -9,7 +9,7 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from vllm_utio.config import BucketSpec, SignalWeights, UtioConfig
+from vllm_utio.config import AttentionPolicy, BucketSpec, SignalWeights, UtioConfig
 
 HEADER = """# UTIO configuration
 
@@ -73,6 +73,14 @@ def render() -> str:
         (BucketSpec.__doc__ or "").strip(),
         "",
         *_table(BucketSpec),
+        "",
+    ]
+    out += [
+        "## `utio.buckets[i].attention`, `utio.attention_all`",
+        "",
+        (AttentionPolicy.__doc__ or "").strip(),
+        "",
+        *_table(AttentionPolicy),
         "",
     ]
     out += [

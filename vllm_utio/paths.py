@@ -32,3 +32,8 @@ def wiki_text_path() -> Path:
 def sharegpt_path() -> Path:
     """Complete ShareGPT records recovered from the truncated JSON, one per line."""
     return data_dir() / "sharegpt.jsonl"
+
+
+def default_artifact_dir() -> Path:
+    """The default model's calibration artifact, built by set-up (``"artifact": "default"``)."""
+    return cache_dir() / "artifacts" / DEFAULT_MODEL_NAME

@@ -24,6 +24,8 @@ class UtioStats:
     kv_fill_layer_tokens: int = 0  # K/V written for skipped layers
     kv_tokens_read: int = 0  # cached positions decode tokens attended to, per step
     kv_tokens_dense: int = 0  # ... and what dense attention would have read
+    kv_estimate_tokens: int = 0  # K positions read at one layer to rank vslash verticals
+    estimate_s: float = 0.0  # the vslash vertical estimate (after the forward)
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the layer loop, including KV fill

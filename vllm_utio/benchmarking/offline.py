@@ -30,6 +30,8 @@ UTIO_COUNTERS = (
     "layer_tokens_run",
     "layer_tokens_full",
     "kv_fill_layer_tokens",
+    "kv_tokens_read",  # cached positions decode tokens attended to (sparse attention)
+    "kv_tokens_dense",  # ... and what dense attention would have read
 )
 
 

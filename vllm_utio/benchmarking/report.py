@@ -3,6 +3,7 @@
 ``vllm-utio report RESULTS.json -o DIR`` writes ``DIR/report.md`` and PNG plots:
 decode throughput vs batch size per configuration, and speedup vs perplexity increase
 (the Pareto view: a configuration is only worth its speed if its quality cost is small).
+Long-context results (``bench-long``) get their own sections (:mod:`.report_long`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from vllm_utio.benchmarking import report_long
 from vllm_utio.benchmarking.results import load
 
 BASELINE = "vanilla"
@@ -226,10 +228,13 @@ def render(results: dict[str, Any], out_dir: Path) -> Path:
         *[f"- **{c['name']}**: {c['description']}" for c in results["configs"]],
         "",
     ]
-    if results["summary"]:
+    if report_long.is_long(results):
+        lines += report_long.sections(results, out_dir)
+    elif results["summary"]:
         lines += ["## Decode throughput", "", *headline_table(results), ""]
         lines += [f"![throughput]({plot_throughput(results, out_dir / 'throughput.png').name})", ""]
         lines += time_model_section(results)
+        lines += report_long.quality_sections(results)
     serving = results.get("serving")
     if serving:
         lines += ["## Serving (vllm serve, ShareGPT prompts)", "", *serving_table(serving), ""]

@@ -6,6 +6,18 @@ Top level: ``schema`` (format id), ``created`` (UTC ISO time), ``machine`` and
 ``summary`` (medians and min-max per config x batch x prompt length), ``quality``
 (per config: perplexity delta and agreement vs the full model), ``serving`` (optional:
 per server and concurrency, TTFT/TPOT/ITL percentiles and throughput), ``notes``.
+
+Long-context runs (``vllm-utio bench-long``) use the same schema with
+``settings.kind = "long-context"`` (``prompt_lens`` are the context lengths; also
+``policies``, ``routed``, ``route_max_score``, ``engines``, ``engine_mode``,
+``kv_cache_bytes``, ``attention_timing``). Their samples and summary rows add
+``attn_ms`` (attention-kernel ms per pure-decode step), ``attention_share`` (attn_ms /
+step_ms), ``kv_read_fraction`` (cached positions decode tokens read / what dense attention
+reads) and ``sparse_share`` (share of decode tokens under a sparse policy); null where not
+measured (vanilla has no UTIO counters). ``long_quality`` (optional, from
+``vllm-utio eval-long --attach``): ``settings``, ``notes`` and ``summary`` rows per
+context and config (perplexity and its delta vs vanilla with a bootstrap CI over
+documents, top-1 and greedy agreement, needle pass rate with a CI over needles).
 """
 
 from __future__ import annotations
@@ -55,6 +67,10 @@ SCHEMA: dict[str, Any] = {
                     "decode_tok_s": _NUM,
                     "step_ms": _NUM,
                     "utio": {"type": ["object", "null"]},
+                    "attn_ms": _NUM,
+                    "attention_share": _NUM,
+                    "kv_read_fraction": _NUM,
+                    "sparse_share": _NUM,
                 },
             },
         },
@@ -63,7 +79,14 @@ SCHEMA: dict[str, Any] = {
             "items": {
                 "type": "object",
                 "required": ["config", "batch", "prompt_len", "decode_tok_s", "step_ms"],
-                "properties": {"saved_fraction": _NUM, "overhead_share": _NUM},
+                "properties": {
+                    "saved_fraction": _NUM,
+                    "overhead_share": _NUM,
+                    "attn_ms": _NUM,
+                    "attention_share": _NUM,
+                    "kv_read_fraction": _NUM,
+                    "sparse_share": _NUM,
+                },
             },
         },
         "quality": {"type": "object"},
@@ -86,6 +109,27 @@ SCHEMA: dict[str, Any] = {
                             "tpot_ms_p50",
                             "itl_ms_p50",
                             "itl_ms_p99",
+                        ],
+                    },
+                }
+            },
+        },
+        "long_quality": {
+            "type": "object",
+            "required": ["summary"],
+            "properties": {
+                "summary": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": [
+                            "context",
+                            "config",
+                            "ppl",
+                            "ppl_delta",
+                            "ppl_delta_ci",
+                            "greedy_agreement",
+                            "needle_pass_rate",
                         ],
                     },
                 }

@@ -57,6 +57,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="2 concurrency levels, few requests")
     parser.add_argument("-o", "--out", type=Path, default=Path("results/serving.json"))
     parser.add_argument("--merge-into", type=Path, default=None, help="add to this results file")
+    parser.add_argument(
+        "--artifact",
+        default=None,
+        help="also serve a calibration artifact (directory or 'default') as 'utio-calibrated'",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -72,9 +77,12 @@ def run(args: argparse.Namespace) -> int:
     )
     runs: list[dict[str, Any]] = []
     env = {**os.environ, "VLLM_PLUGINS": "utio"}
-    total = len(SERVERS) * len(args.concurrency)
+    servers = dict(SERVERS)
+    if args.artifact:
+        servers["utio-calibrated"] = {"artifact": args.artifact}
+    total = len(servers) * len(args.concurrency)
     with tqdm(total=total, desc="serving benchmark", unit="level") as bar:
-        for name, utio in SERVERS.items():
+        for name, utio in servers.items():
             extra = server_args(utio, 2048, args.eager)
             with ServerProcess(model, extra, env=env) as server:
                 for conc in args.concurrency:
@@ -90,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update()
     results = _target(args)
     results["serving"] = {
-        "servers": {k: v for k, v in SERVERS.items()},
+        "servers": servers,
         "output_len": args.output_len,
         "dataset": "sharegpt (first human turns, deduplicated)",
         "runs": runs,

@@ -31,7 +31,7 @@ SURROGATE_BUCKETS = [
 ]
 
 
-def engines(quick: bool) -> dict[str, EngineSpec]:
+def engines(quick: bool, artifact: str | None = None) -> dict[str, EngineSpec]:
     specs = {
         "vanilla": EngineSpec(None),
         "utio-forced": EngineSpec({"enabled": True, "router": "forced", "buckets": STATIC_BUCKETS}),
@@ -40,7 +40,28 @@ def engines(quick: bool) -> dict[str, EngineSpec]:
         surrogate = {"enabled": True, "router": "surrogate", "buckets": SURROGATE_BUCKETS}
         specs["utio-surrogate"] = EngineSpec(surrogate)
         specs["utio-per-bucket"] = EngineSpec({**surrogate, "schedule": "per_bucket"})
+    if artifact is not None:
+        calibrated = {"enabled": True, "artifact": artifact}
+        specs["utio-calibrated"] = EngineSpec(calibrated)
+        specs["utio-calibrated-surrogate"] = EngineSpec({**calibrated, "router": "surrogate"})
     return specs
+
+
+def artifact_configs() -> list[BenchConfig]:
+    return [
+        BenchConfig(
+            "calibrated-probe",
+            "utio-calibrated",
+            None,
+            "calibration artifact: its plans and exit corrections, learned probe router",
+        ),
+        BenchConfig(
+            "calibrated-surrogate",
+            "utio-calibrated-surrogate",
+            None,
+            "calibration artifact: its plans and corrections, surrogate score thresholds",
+        ),
+    ]
 
 
 def configs(quick: bool) -> list[BenchConfig]:
@@ -83,7 +104,13 @@ def config_record(cfg: BenchConfig, spec: EngineSpec, num_layers: int) -> dict[s
     """A config as stored in results, with its levels (deepest first, full depth first)."""
     levels = None
     if spec.utio is not None:
-        buckets = list(reversed(spec.utio.get("buckets", [])))
+        buckets = spec.utio.get("buckets", [])
+        if spec.utio.get("artifact"):
+            from vllm_utio.artifact import MANIFEST, artifact_dir
+
+            manifest = artifact_dir(spec.utio["artifact"]) / MANIFEST
+            buckets = json.loads(manifest.read_text())["buckets"]
+        buckets = list(reversed(buckets))
         levels = [{"name": "full", "keep_first": num_layers, "keep_last": 0}] + [
             {k: b[k] for k in ("name", "keep_first", "keep_last")} for b in buckets
         ]
@@ -125,6 +152,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--eager", action="store_true", help="enforce_eager on every engine")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, two engines (smoke test)")
+    parser.add_argument(
+        "--artifact",
+        default=None,
+        help="also run a calibration artifact (directory or 'default'): its probe router "
+        "and its surrogate fallback",
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        help="run only these configurations (names as in the report; vanilla is always run)",
+    )
     parser.add_argument("-o", "--out", type=Path, default=Path("results/offline.json"))
 
 
@@ -145,9 +184,19 @@ def run(args: argparse.Namespace) -> int:
         "dtype": "bfloat16",
         "enforce_eager": args.eager,
         "quick": args.quick,
+        "artifact": args.artifact,
     }
-    cfgs = configs(args.quick)
-    specs = engines(args.quick)
+    cfgs = configs(args.quick) + (artifact_configs() if args.artifact else [])
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in cfgs})
+        if unknown:
+            raise SystemExit(
+                f"--only: unknown configuration(s) {', '.join(unknown)}; allowed: "
+                + ", ".join(c.name for c in cfgs)
+            )
+        cfgs = [c for c in cfgs if c.name == "vanilla" or c.name in args.only]
+    specs = engines(args.quick, args.artifact)
+    specs = {k: v for k, v in specs.items() if any(c.engine == k for c in cfgs)}
     num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     results = new_results(settings, [config_record(c, specs[c.engine], num_layers) for c in cfgs])
     seed_text = " ".join(d["text"] for d in load_wiki_documents()[:8])

@@ -39,6 +39,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wall minutes of correction training (all buckets)",
     )
     parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="optimisation steps per bucket instead of --train-minutes (reproducible)",
+    )
+    parser.add_argument(
+        "--curve-windows",
+        type=int,
+        default=4,
+        help="held-out windows for the training curve (0 = no curve, faster)",
+    )
+    parser.add_argument(
         "--router", choices=("linear", "mlp"), default="linear", help="learned probe kind"
     )
     parser.add_argument(
@@ -77,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         buckets=args.buckets,
         longest_span=args.longest_span,
         train_minutes=args.train_minutes,
+        train_steps=args.train_steps,
+        curve_windows=args.curve_windows,
         router=args.router,
         rank=args.rank or None,
         fit_windows=args.fit_windows,

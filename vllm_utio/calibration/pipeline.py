@@ -73,6 +73,7 @@ class Settings:
     search_windows: int = 2
     rank: int | None = None  # exit-correction rank; None = full (measured: clearly better)
     train_minutes: float = 6.0
+    train_steps: int | None = None  # per bucket; if set, steps bound training (reproducible)
     curve_windows: int = 4
     curve_every_s: float = 60.0
     router: str = "linear"  # "linear" | "mlp"
@@ -199,12 +200,20 @@ def train_buckets(
     p: Prepared, s: Settings, spans: Sequence[Span], inits: Sequence[Correction]
 ) -> list[TrainResult]:
     results = []
-    seconds = s.train_minutes * 60.0 / len(spans)
+    if s.train_steps is not None:
+        seconds = float("inf") if s.train_steps > 0 else 0.0
+    else:
+        seconds = s.train_minutes * 60.0 / len(spans)
     for i, (span, init) in enumerate(zip(spans, inits, strict=True)):
         if seconds <= 0:
             results.append(TrainResult(init))
             continue
-        cfg = TrainConfig(seconds=seconds, eval_every_s=s.curve_every_s, seed=s.seed + i)
+        cfg = TrainConfig(
+            seconds=seconds,
+            max_steps=s.train_steps,
+            eval_every_s=s.curve_every_s,
+            seed=s.seed + i,
+        )
         curve = p.held.passes[: s.curve_windows]
         evaluate = curve_evaluator(p.model, curve, span) if curve else None
         results.append(
@@ -283,6 +292,8 @@ def calibrate(s: Settings, p: Prepared | None = None) -> tuple[Prepared, Calibra
         now = time.perf_counter()
         timings[name] = round(now - clock, 2)
         clock = now
+        if s.progress:  # the stages without a bar of their own say when they finish
+            print(f"[calibrate] {name} done in {timings[name]:.0f} s", flush=True)
 
     p = p or prepare(s)
     lap("full_passes")
@@ -356,7 +367,14 @@ def held_out_quality(
         ),
         "surrogate": evaluate_levels(p.model, p.held, buckets, threshold_levels(sur, max_scores)),
     }
-    return {k: q.row() | {"tokens": q.tokens} for k, q in results.items()}
+    shares = {"probe": probe, "surrogate": threshold_levels(sur, max_scores)}
+    out: dict[str, dict[str, Any]] = {k: q.row() | {"tokens": q.tokens} for k, q in results.items()}
+    for name, levels in shares.items():
+        # share of positions per bucket, shallowest first
+        out[name]["bucket_shares"] = [
+            float((levels == j).double().mean()) for j in range(len(buckets))
+        ]
+    return out
 
 
 def bucket_name(span: Span) -> str:
@@ -417,7 +435,8 @@ def manifest_for(p: Prepared, cal: Calibrated, fingerprint: str) -> dict[str, An
             "routing_layer": cal.router.routing_layer,
             "lam": cal.router.lam,
             "saved_layers": cal.router.saved_layers,
-            "fallback": "surrogate score with calibrated max_score (engine-supported today)",
+            "fallback": "router='surrogate': the surrogate score with the buckets' "
+            "calibrated max_score thresholds",
             "signal": SignalWeights().model_dump(),
         },
         "quality": {"held_out": cal.quality},

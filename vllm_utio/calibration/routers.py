@@ -1,4 +1,4 @@
-"""Routers for calibration: signals, learned probes and the router weights format.
+"""Routers for calibration: signals and learned probes (fitting).
 
 Every router here turns positions into a *cost* per bucket (lower = cheaper to skip);
 :func:`choose_levels` then sends a position to the bucket that maximises
@@ -14,20 +14,15 @@ step: every signal is NaN there and signal routers keep it at full depth.
 
 Learned probes read the residual stream entering the first skipped layer of the
 shallowest bucket (the output of the routing layer, the last layer every bucket runs),
-so the engine can decide mid-forward. Weights file (safetensors): ``mean`` [H],
-``scale`` [H], then ``w0``, ``b0`` (, ``w1``, ``b1``) for a linear or one-hidden-layer
-GELU MLP; output [B] = predicted cost per bucket, shallowest bucket first. Metadata:
-``format="utio-router"``, ``version="1"``, ``kind``, ``routing_layer``, ``target``,
-``saved_layers`` (JSON list) and ``lam``.
+so the engine can decide mid-forward. They are :class:`~vllm_utio.routing.cost_router.
+CostRouter` objects (``ProbeRouter`` here): the engine runs them and owns their file
+format.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -35,21 +30,14 @@ from vllm_utio.calibration.forward import FullPass, logits_of
 from vllm_utio.config import SignalWeights
 from vllm_utio.evaluation.reference import ReferenceLlama
 from vllm_utio.routing import signals
+from vllm_utio.routing.cost_router import ROUTER_FORMAT, ROUTER_VERSION, CostRouter, choose_levels
 
-ROUTER_FORMAT = "utio-router"
-ROUTER_VERSION = "1"
+# The router the engine runs (and its file format) lives on the engine side.
+ProbeRouter = CostRouter
+__all__ = ["ROUTER_FORMAT", "ROUTER_VERSION", "ProbeRouter", "choose_levels"]
 
 
 # --------------------------------------------------------------------------- decisions
-
-
-def choose_levels(costs: torch.Tensor, saved: Sequence[int], lam: float) -> torch.Tensor:
-    """[N] bucket index per position (-1 = full depth) from ``costs`` [N, B] (bucket
-    order = ``saved``); NaN costs mean full depth."""
-    gain = lam * torch.tensor(saved, dtype=torch.float64)[None, :] - costs.double()
-    gain = torch.nan_to_num(gain, nan=-math.inf)
-    best = gain.argmax(1)
-    return torch.where(gain.gather(1, best[:, None]).squeeze(1) > 0, best, -1)
 
 
 def band_levels(score: torch.Tensor, fraction: float, num_buckets: int) -> torch.Tensor:
@@ -123,78 +111,6 @@ def surrogate_signals(
 
 
 # --------------------------------------------------------------------------- probes
-
-
-@dataclass
-class ProbeRouter:
-    """Predicted cost per bucket from the hidden state at the routing layer."""
-
-    kind: str  # "linear" | "mlp"
-    mean: torch.Tensor  # [H]
-    scale: torch.Tensor  # [H]
-    weights: list[tuple[torch.Tensor, torch.Tensor]]  # (W [out, in], b [out]) per layer
-    routing_layer: int
-    saved_layers: list[int]  # layers each bucket skips, shallowest bucket first
-    target: str = "kl"
-    lam: float = 0.0
-
-    def scores(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, B] predicted cost of each bucket for hidden states [N, H]."""
-        x = (hidden.float() - self.mean) / self.scale
-        for i, (w, b) in enumerate(self.weights):
-            x = x @ w.T + b
-            if i + 1 < len(self.weights):
-                x = torch.nn.functional.gelu(x)
-        return x
-
-    def route(self, hidden: torch.Tensor, lam: float | None = None) -> torch.Tensor:
-        """[N] bucket index (shallowest first; -1 = full depth) at ``lam`` (default: the
-        calibrated one)."""
-        lam = self.lam if lam is None else lam
-        return choose_levels(self.scores(hidden), self.saved_layers, lam)
-
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {"mean": self.mean.contiguous(), "scale": self.scale.contiguous()}
-        for i, (w, b) in enumerate(self.weights):
-            tensors[f"w{i}"] = w.contiguous()
-            tensors[f"b{i}"] = b.contiguous()
-        meta = {
-            "format": ROUTER_FORMAT,
-            "version": ROUTER_VERSION,
-            "kind": self.kind,
-            "routing_layer": str(self.routing_layer),
-            "saved_layers": json.dumps(self.saved_layers),
-            "target": self.target,
-            "lam": repr(float(self.lam)),
-        }
-        save_file(tensors, str(path), metadata=meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> ProbeRouter:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != ROUTER_FORMAT or meta.get("version") != ROUTER_VERSION:
-                raise ValueError(
-                    f"{path}: not a UTIO router file (format={meta.get('format')!r}, "
-                    f"version={meta.get('version')!r}; expected {ROUTER_FORMAT!r} "
-                    f"version {ROUTER_VERSION})"
-                )
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        n = sum(1 for k in tensors if k.startswith("w"))
-        return cls(
-            kind=meta["kind"],
-            mean=tensors["mean"],
-            scale=tensors["scale"],
-            weights=[(tensors[f"w{i}"], tensors[f"b{i}"]) for i in range(n)],
-            routing_layer=int(meta["routing_layer"]),
-            saved_layers=[int(s) for s in json.loads(meta["saved_layers"])],
-            target=meta.get("target", "kl"),
-            lam=float(meta.get("lam", "0")),
-        )
 
 
 def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -71,9 +71,10 @@ SIGNALS = ("surrogate", "entropy", "varentropy", "outlier", "attention_heat")
 class Study:
     """Stage results cached in one JSON file; corrections as safetensors beside it."""
 
-    def __init__(self, out: Path, settings: Settings) -> None:
+    def __init__(self, out: Path, settings: Settings, held_limit: int | None = None) -> None:
         self.out = out
         self.settings = settings
+        self.held_limit = held_limit  # use only the first N held-out windows (faster)
         out.mkdir(parents=True, exist_ok=True)
         self.file = out / "results.json"
         self.results: dict[str, Any] = (
@@ -99,6 +100,8 @@ class Study:
 
         model = ReferenceLlama.from_pretrained(self.settings.model)
         raw = torch.load(cache, weights_only=False)
+        if self.held_limit is not None:
+            raw["held"] = raw["held"][: self.held_limit]
         sets = {
             name: EvalSet.build(model, [FullPass(w, s, lp) for w, s, lp in raw[name]])
             for name in ("fit", "tune", "held")
@@ -409,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-minutes", type=float, default=48.0)
     parser.add_argument("--stages", default="all", help="comma list, or 'all'")
     parser.add_argument("--report", action="store_true", help="print tables of DIR and exit")
+    parser.add_argument(
+        "--held-limit", type=int, default=None, help="held-out windows for the routing stages"
+    )
+    parser.add_argument("--fractions", default="0.05,0.1,0.2,0.4", help="routers: skip shares")
+    parser.add_argument("--quantiles", default="0.05,0.1,0.2,0.35", help="multi: operating points")
+    parser.add_argument("--budgets", default="0.02,0.03,0.05,0.1", help="budgets: ppl budgets")
     args = parser.parse_args(argv)
     if args.report:
         print(render(json.loads((args.out / "results.json").read_text())))
@@ -421,7 +430,11 @@ def main(argv: list[str] | None = None) -> int:
         held_windows=48,
         curve_windows=6,
     )
-    st = Study(args.out, settings)
+    st = Study(args.out, settings, args.held_limit)
+
+    def floats(text: str) -> tuple[float, ...]:
+        return tuple(float(x) for x in text.split(","))
+
     want = set(args.stages.split(",")) if args.stages != "all" else None
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
@@ -436,10 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     run("training", lambda: stage_training(st, nested, args.train_minutes, None))
     run("truncation", lambda: stage_truncation(st, [24, 26, 28], 8))
     run("kv_what_if", lambda: stage_kv_what_if(st, [Span(15, 19)], 12))
-    fractions = (0.05, 0.1, 0.2, 0.4)
+    if args.held_limit is not None:
+        st.results["routing_held_windows"] = args.held_limit
+    fractions = floats(args.fractions)
     run("routers_4", lambda: stage_routers(st, Span(15, 19), fractions, True))
-    run("multi", lambda: stage_multi(st, nested, (0.05, 0.1, 0.2, 0.35)))
-    run("budgets", lambda: stage_budgets(st, nested, (0.02, 0.03, 0.05, 0.10)))
+    run("multi", lambda: stage_multi(st, nested, floats(args.quantiles)))
+    run("budgets", lambda: stage_budgets(st, nested, floats(args.budgets)))
     _ = Window  # the pickled passes hold Window objects
     return 0
 

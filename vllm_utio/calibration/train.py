@@ -57,6 +57,7 @@ class TrainableCorrection(torch.nn.Module):
 @dataclass(frozen=True)
 class TrainConfig:
     seconds: float  # wall-clock budget for this correction's optimisation steps
+    max_steps: int | None = None  # if set, stop after this many steps (reproducible runs)
     lr: float = 5e-4
     skip_share: tuple[float, float] = (0.2, 0.9)  # per-step share drawn uniformly
     eval_every_s: float = 60.0
@@ -118,17 +119,19 @@ def train_correction(
     evaluate: Evaluator | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Adam on the correction until ``cfg.seconds`` of step time; ``evaluate`` (not
-    timed) is called at the start, every ``cfg.eval_every_s`` and at the end."""
+    """Adam on the correction until ``cfg.seconds`` of step time (or ``cfg.max_steps``
+    steps); ``evaluate`` (not timed) is called at the start, every ``cfg.eval_every_s``
+    and at the end."""
     gen = torch.Generator().manual_seed(cfg.seed)
     corr = TrainableCorrection(init)
     opt = torch.optim.Adam(corr.parameters(), lr=cfg.lr)
     result = TrainResult(init)
     next_eval = 0.0
     lo, hi = cfg.skip_share
-    with tqdm(
-        total=math.ceil(cfg.seconds), desc=f"train {span}", unit="s", disable=not progress
-    ) as bar:
+    by_steps = cfg.max_steps is not None
+    total = cfg.max_steps if by_steps else math.ceil(cfg.seconds)
+    unit = "step" if by_steps else "s"
+    with tqdm(total=total, desc=f"train {span}", unit=unit, disable=not progress) as bar:
         while True:
             if evaluate is not None and result.train_seconds >= next_eval:
                 point = CurvePoint(
@@ -140,7 +143,9 @@ def train_correction(
                 result.curve.append(point)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in point.metrics.items()})
                 next_eval += cfg.eval_every_s
-            if result.train_seconds >= cfg.seconds:
+            if result.train_seconds >= cfg.seconds or (
+                cfg.max_steps is not None and result.steps >= cfg.max_steps
+            ):
                 break
             wall, cpu = time.perf_counter(), time.process_time()
             fp = passes[int(torch.randint(len(passes), (1,), generator=gen))]
@@ -154,8 +159,9 @@ def train_correction(
             result.train_seconds += dt
             result.cpu_seconds += time.process_time() - cpu
             result.steps += 1
-            bar.update(min(int(result.train_seconds), bar.total) - bar.n)  # whole seconds
-    if evaluate is not None and result.curve[-1].steps != result.steps:
+            done = result.steps if by_steps else int(result.train_seconds)  # whole seconds
+            bar.update(min(done, bar.total) - bar.n)
+    if evaluate is not None and result.curve and result.curve[-1].steps != result.steps:
         result.curve.append(
             CurvePoint(
                 result.train_seconds,

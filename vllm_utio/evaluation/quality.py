@@ -185,10 +185,11 @@ def _encode_head(tokenizer: Any, text: str, needed: int | None) -> list[int]:
         cut *= 2
 
 
-def _prompt(token_ids: Sequence[int]) -> dict[str, Any]:
+def _prompt(token_ids: Sequence[int], salt: str | None = None) -> dict[str, Any]:
     # A fresh cache salt per request: no request may reuse K/V another one wrote (a
     # routed decode writes frozen-state K/V that a later prefill must not pick up).
-    return {"prompt_token_ids": list(token_ids), "cache_salt": uuid.uuid4().hex}
+    # A caller-given salt shares the prompt's K/V between requests that pass the same one.
+    return {"prompt_token_ids": list(token_ids), "cache_salt": salt or uuid.uuid4().hex}
 
 
 # --------------------------------------------------------------------------- engine runs
@@ -263,10 +264,13 @@ def teacher_forced_logprobs(
     extra_args: Mapping[str, Any] | None = None,
     batch_size: int = 64,
     progress: Progress | None = None,
+    salts: Sequence[str] | None = None,
 ) -> list[ForcedResult]:
     """Force each window's continuation through ``llm`` and read the raw log-probs.
 
-    ``extra_args`` go to every request (e.g. ``{"utio_bucket": "shallow"}``).
+    ``extra_args`` go to every request (e.g. ``{"utio_bucket": "shallow"}``). ``salts``
+    (one per window) let requests with the same salt share cached prompt K/V; only safe
+    when the prompt's K/V do not depend on the request (prefill not routed).
     """
     from vllm import SamplingParams
 
@@ -276,9 +280,10 @@ def teacher_forced_logprobs(
     results: list[ForcedResult] = []
     for rows in _chunks(len(windows), batch_size):
         prompts, params = [], []
-        for w in (windows[i] for i in rows):
+        for i in rows:
+            w = windows[i]
             forced = w.continuation
-            prompts.append(_prompt(w.tokens[: w.prompt_len]))
+            prompts.append(_prompt(w.tokens[: w.prompt_len], salts[i] if salts else None))
             params.append(
                 SamplingParams(
                     temperature=0.0,
@@ -303,7 +308,9 @@ def greedy_continuations(
     max_new_tokens: int = 64,
     extra_args: Mapping[str, Any] | None = None,
     batch_size: int = 64,
+    salts: Sequence[str] | None = None,
 ) -> list[list[int]]:
+    """Greedy continuations (``salts``: see :func:`teacher_forced_logprobs`)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
@@ -317,7 +324,8 @@ def greedy_continuations(
     batch_size = _preemption_free_batch(llm, batch_size, longest)
     out: list[list[int]] = []
     for rows in _chunks(len(prompts), batch_size):
-        outs = llm.generate([_prompt(prompts[i]) for i in rows], params, use_tqdm=False)
+        batch = [_prompt(prompts[i], salts[i] if salts else None) for i in rows]
+        outs = llm.generate(batch, params, use_tqdm=False)
         out.extend(list(o.outputs[0].token_ids) for o in outs)
     return out
 

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data",
         default="wiki",
-        help="'wiki' (prepared Wikipedia text), a UTF-8 text file (documents separated by "
+        help="'wiki' (prepared Wikipedia text), 'wiki-held' (its documents held out from "
+        "calibration), a UTF-8 text file (documents separated by "
         "blank lines) or a .jsonl file of {'text': ...} or {'prompt': ...}",
     )
     parser.add_argument("--max-tokens", type=int, default=4096, help="scored-token budget")
@@ -61,13 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_texts(spec: str) -> list[str]:
     """Documents of ``--data``."""
-    if spec == "wiki":
+    if spec in ("wiki", "wiki-held"):
         from vllm_utio.assets.data import load_wiki_documents
+        from vllm_utio.calibration.data import is_held_out
 
-        return [d["text"] for d in load_wiki_documents()]
+        docs = load_wiki_documents()
+        if spec == "wiki-held":  # the documents calibration never sees
+            docs = [d for d in docs if is_held_out(d["title"])]
+        return [d["text"] for d in docs]
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise SystemExit(f"--data: {spec!r} is neither 'wiki' nor an existing file")
+        raise SystemExit(f"--data: {spec!r} is not 'wiki', 'wiki-held' or an existing file")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         return [_jsonl_text(line, i + 1) for i, line in enumerate(text.splitlines()) if line]

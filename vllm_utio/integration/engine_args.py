@@ -5,8 +5,9 @@
 - ``from_cli_args``: folds those flags into ``additional_config["utio"]``, the one
   place UTIO settings live (``LLM(additional_config=...)`` uses it directly).
 - ``create_engine_config``: validates the UTIO config (clear errors before any
-  process is spawned), selects the UTIO worker class, and checks model-dependent
-  values once the model's depth is known. With UTIO off it changes nothing.
+  process is spawned), selects the UTIO worker class, expands a calibration
+  ``artifact`` (checked against the model), and checks model-dependent values once the
+  model's depth is known. With UTIO off it changes nothing.
 """
 
 from __future__ import annotations
@@ -130,6 +131,8 @@ def _wrap_create_engine_config(cls: type) -> None:
         if cfg.enabled:
             check_vllm_version()
             _select_worker(self)
+            if cfg.artifact is not None:
+                cfg = _expand_artifact(self)
         vllm_config = original(self, *args, **kwargs)
         if cfg.enabled:
             model_config = vllm_config.model_config
@@ -140,10 +143,32 @@ def _wrap_create_engine_config(cls: type) -> None:
             if cfg.router == "probe":  # fail here, not inside a worker process
                 from vllm_utio.routing.probe import load_checked_probe
 
-                load_checked_probe(cfg, model_config.get_hidden_size())
+                load_checked_probe(
+                    cfg,
+                    model_config.get_hidden_size(),
+                    model_config.get_num_layers(vllm_config.parallel_config),
+                )
         return vllm_config
 
     cls.create_engine_config = create_engine_config
+
+
+def _expand_artifact(engine_args: Any) -> Any:
+    """Replace ``artifact`` by the settings it holds (checked against the model), so the
+    workers get a plain config and never re-read the artifact."""
+    from vllm_utio.artifact import resolve_artifact
+
+    raw = dict(engine_args.additional_config[UTIO_KEY])
+    resolved = resolve_artifact(raw, engine_args.model)
+    engine_args.additional_config = {**engine_args.additional_config, UTIO_KEY: resolved}
+    cfg = utio_config_from_additional(engine_args.additional_config)
+    logger.info(
+        "UTIO artifact %s: buckets %s, router=%s",
+        raw["artifact"],
+        [b.name for b in cfg.buckets],
+        cfg.router,
+    )
+    return cfg
 
 
 def _select_worker(engine_args: Any) -> None:

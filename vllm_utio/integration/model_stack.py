@@ -4,13 +4,14 @@ vLLM's ``LlamaModel.forward`` is: embed, ``h, res = layer(positions, h, res)`` f
 decoder layer, then ``norm(h, res)``. The true residual stream after a layer is
 ``h + res`` (the next layer's fused add+RMSNorm adds them). This adapter exposes those
 pieces plus the one thing a skipped layer still owes the paged cache: K/V computed from
-the frozen stream (input norm -> K/V projection -> RoPE -> the backend's cache write).
+the frozen stream (input norm -> K/V projection -> RoPE -> the backend's cache write), and
+reading a layer's cached K back (for the vslash policy's vertical estimate).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ class UnsupportedModelError(RuntimeError):
 class DecoderStack:
     model: nn.Module  # the inner LlamaModel-like module
     layers: list[nn.Module]
+    # learned K positions within a cache block, per (cache shape, dtype); see key_offsets
+    _key_offsets: dict[tuple, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_causal_lm(cls, causal_lm: nn.Module) -> DecoderStack:
@@ -98,6 +101,7 @@ class DecoderStack:
         attn = self.layers[index].self_attn.attn
 
         def hook(_module, args, output):
+            sink["query"] = args[0]  # post-RoPE, [tokens, num_heads * head_size]
             sink["value"] = args[2]
             sink["output"] = output
 
@@ -109,3 +113,103 @@ class DecoderStack:
 
     def num_kv_heads(self) -> int:
         return int(self.layers[0].self_attn.attn.num_kv_heads)
+
+    def attention_scale(self, index: int) -> float:
+        return float(self.layers[index].self_attn.attn.impl.scale)
+
+    def read_keys(self, index: int, block_ids: torch.Tensor) -> torch.Tensor | None:
+        """Layer ``index``'s cached K of physical blocks ``block_ids`` (any shape ``S``).
+
+        Returns ``[*S, block_size, num_kv_heads, head_size]`` in the cache dtype (a
+        permuted view when the backend stores K in another axis order), or None when the
+        cache layout could not be learned (see :func:`key_offsets`). Copies only K.
+        """
+        attn = self.layers[index].self_attn.attn
+        cache = attn.kv_cache
+        key = (tuple(cache.shape), cache.dtype)
+        if key not in self._key_offsets:
+            self._key_offsets[key] = key_offsets(attn, cache)
+        offsets = self._key_offsets[key]
+        if offsets is None:
+            return None
+        ids = block_ids.to(cache.device, torch.long)
+        strides = affine_strides(offsets)
+        if strides is None or not cache[0].is_contiguous():
+            flat = cache[ids.reshape(-1)].reshape(ids.numel(), -1)
+            return flat[:, offsets.reshape(-1).to(cache.device)].reshape(*ids.shape, *offsets.shape)
+        start, steps = strides
+        view = cache.as_strided(
+            (cache.shape[0], *offsets.shape),
+            (cache.stride(0), *steps),
+            cache.storage_offset() + start,
+        )
+        # gather in the storage's own axis order (contiguous runs), then view it logically
+        order = sorted(range(3), key=lambda axis: -steps[axis])
+        native = view.permute(0, *(1 + a for a in order))[ids]
+        lead = list(range(ids.dim()))
+        return native.permute(*lead, *(ids.dim() + order.index(a) for a in range(3)))
+
+
+def affine_strides(offsets: torch.Tensor) -> tuple[int, tuple[int, int, int]] | None:
+    """(start, strides) if ``offsets[t, h, d] = start + t*s0 + h*s1 + d*s2``, else None."""
+    start = int(offsets[0, 0, 0])
+    steps = tuple(
+        int(offsets[tuple(int(a == axis) for a in range(3))]) - start
+        if offsets.shape[axis] > 1
+        else 0
+        for axis in range(3)
+    )
+    grids = torch.meshgrid(*(torch.arange(n) for n in offsets.shape), indexing="ij")
+    want = start + sum(g * st for g, st in zip(grids, steps, strict=True))
+    if min(steps) < 0 or not torch.equal(want, offsets):
+        return None
+    s0, s1, s2 = steps
+    return start, (s0, s1, s2)
+
+
+def offsets_shape(attn: Any, cache: torch.Tensor) -> tuple[int, int, int]:
+    """(block_size, num_kv_heads, head_size) of one block of ``cache`` (K half)."""
+    heads, dim = int(attn.num_kv_heads), int(attn.head_size)
+    per_block = cache[0].numel()
+    if per_block % (2 * heads * dim):
+        raise UnsupportedModelError(
+            f"KV-cache block of {per_block} elements is not K and V of {heads} heads x {dim}"
+        )
+    return per_block // (2 * heads * dim), heads, dim
+
+
+def key_offsets(attn: Any, cache: torch.Tensor) -> torch.Tensor | None:
+    """``[block_size, heads, dim]``: where K[t, h, d] sits in a flattened block, or None.
+
+    The CPU backend packs blocks per ISA (on this machine's "vec" ISA, K is stored
+    ``[head, dim, token]``), so instead of assuming a layout we write known values into a
+    scratch block through the backend's own cache-write op and see where they land.
+    Values are written as base-64 digits (exact in fp16/bf16) over a few passes; a
+    quantized cache (fp8) does not round-trip (or cannot be written so) and gives None.
+    """
+    block_size, heads, dim = offsets_shape(attn, cache)
+    n = block_size * heads * dim
+    code = torch.arange(n)
+    found = torch.zeros(cache[0].numel(), dtype=torch.long)
+    is_key = torch.ones_like(found, dtype=torch.bool)
+    base, scale = 64, 1
+    while scale < n:
+        digit = (code // scale) % base + 1  # 1..64; 0 marks a slot the write left alone
+        scratch = torch.zeros((1, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
+        k = digit.reshape(block_size, heads, dim).to(cache.dtype).to(cache.device)
+        slots = torch.arange(block_size, device=cache.device)
+        try:
+            attn.impl.do_kv_cache_update(attn, k, torch.zeros_like(k), scratch, slots)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None  # e.g. a cache dtype the plain write does not support
+        got = scratch.reshape(-1).float().cpu()
+        is_key &= got > 0
+        found += (got.round().long() - 1).clamp(min=0) * scale
+        scale *= base
+    where = torch.nonzero(is_key).reshape(-1)
+    codes = found[where]
+    if len(where) != n or not torch.equal(torch.sort(codes).values, code):
+        return None
+    offsets = torch.empty(n, dtype=torch.long)
+    offsets[codes] = where
+    return offsets.reshape(block_size, heads, dim)

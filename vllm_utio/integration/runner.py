@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_utio.attention_policy import restrict_block_table
+from vllm_utio.attention_policy import (
+    Selection,
+    apply_selections,
+    block_attention_mass,
+    rank_blocks,
+    throttled_blocks,
+    vslash_blocks,
+)
 from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
 from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
@@ -34,7 +41,6 @@ from vllm_utio.routing import signals
 from vllm_utio.routing.bucketing import (
     deepest_first_order,
     finalize_levels,
-    levels_from_scores,
     swaps_for_permutation,
     tokens_per_level,
 )
@@ -43,6 +49,16 @@ from vllm_utio.routing.routers import RoutingBatch, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
 
 logger = get_logger(__name__)
+
+
+@dataclasses.dataclass
+class VerticalEstimate:
+    """This step's vslash decode rows, whose block ranking is re-estimated after the forward."""
+
+    rows: np.ndarray  # persistent-batch rows
+    req_ids: list[str]
+    blocks: torch.Tensor  # [rows, max blocks] physical blocks in logical order (padded)
+    seq_lens: np.ndarray
 
 
 class UtioRunnerMixin:
@@ -59,6 +75,10 @@ class UtioRunnerMixin:
         self._utio_executor: DepthExecutor | None = None
         self._utio_route_s = 0.0
         self._utio_kv_read = (0, 0)  # decode KV tokens read this step, and dense would read
+        # vslash: per request, its logical blocks ranked by attention mass (latest estimate)
+        self._utio_ranked: dict[str, np.ndarray] = {}
+        self._utio_estimate: VerticalEstimate | None = None
+        self._utio_estimate_warned = False
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -86,7 +106,9 @@ class UtioRunnerMixin:
         )
         self._utio_num_kv_heads = stack.num_kv_heads()
         self._utio_router = make_router(cfg)
-        self._utio_probe = load_checked_probe(cfg, hidden_size) if cfg.router == "probe" else None
+        self._utio_probe = (
+            load_checked_probe(cfg, hidden_size, num_layers) if cfg.router == "probe" else None
+        )
         logger.info(
             "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
             num_layers,
@@ -97,9 +119,8 @@ class UtioRunnerMixin:
         )
 
     def _utio_route_mid(self, stream: torch.Tensor) -> np.ndarray:
-        """Levels from the probe's scores of each row's last token (mid-forward)."""
-        scores = self._utio_probe.scores(stream).cpu().numpy()
-        desired = levels_from_scores(scores, [b.max_score for b in self.utio_cfg.buckets])
+        """Levels from the probe on each row's last token (mid-forward)."""
+        desired = self._utio_probe.levels(stream, [b.max_score for b in self.utio_cfg.buckets])
         routable, tokens = self._utio_routable
         return finalize_levels(desired, routable, tokens, self.utio_plans, self.utio_cfg)
 
@@ -209,6 +230,7 @@ class UtioRunnerMixin:
         t0 = time.perf_counter()
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
         forward_s = time.perf_counter() - t0
+        self._utio_estimate_verticals(result.heat_inputs, plan.query_start_loc)
         self._utio_heat = self._utio_heat_per_row(result.heat_inputs, plan.query_start_loc)
         self._utio_record(plan.levels, plan.query_start_loc, result, forward_s)
         return result.hidden
@@ -266,32 +288,34 @@ class UtioRunnerMixin:
         return cfg.buckets[len(cfg.buckets) - level].attention
 
     def _utio_throttle(self, cm: Any, levels: np.ndarray, qsl: np.ndarray) -> Any | None:
-        """A CM whose throttled decode rows read only sink + recent blocks (or None)."""
+        """A CM whose sparse (throttle/vslash) decode rows read only their kept blocks, or None."""
+        self._utio_estimate = None
         decode = (np.diff(qsl) == 1) & ~cm.is_prefilling.numpy()[: cm.num_reqs].astype(bool)
         seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[: cm.num_reqs]
         dense_read = int(seq_lens[decode].sum())
-        groups: dict[AttentionPolicy, list[int]] = {}
+        policies: dict[int, AttentionPolicy] = {}
         for row in np.flatnonzero(decode).tolist():
             policy = self._utio_policy_of_level(int(levels[row]))
-            if policy.policy == "throttle":
-                groups.setdefault(policy, []).append(row)
-        if not groups:
+            if policy.policy != "dense":
+                policies[row] = policy
+        if not policies:
             self._utio_kv_read = (dense_read, dense_read)
             return None
         table = cm.block_table_tensor.cpu().numpy()
-        lens = seq_lens.copy()
-        read = dense_read
-        for policy, rows in groups.items():
-            table, lens, got, full = restrict_block_table(
-                table,
-                lens,
-                np.array(rows),
-                self.cache_config.block_size,
-                policy.sink_tokens,
-                policy.recent_tokens,
-            )
-            read -= full - got
-        self._utio_kv_read = (read, dense_read)
+        req_ids = self.input_batch.req_ids
+        selections = {
+            row: self._utio_blocks(policy, int(seq_lens[row]), req_ids[row])
+            for row, policy in policies.items()
+        }
+        vslash = [
+            row
+            for row, policy in policies.items()
+            if self._utio_needs_estimate(policy, int(seq_lens[row]))
+        ]
+        if vslash:
+            self._utio_estimate = self._utio_estimate_rows(np.array(vslash), table, seq_lens)
+        table, lens, got, full = apply_selections(table, seq_lens, selections)
+        self._utio_kv_read = (dense_read - (full - got), dense_read)
         device = cm.block_table_tensor.device
         lens_t = torch.from_numpy(lens)
         return dataclasses.replace(
@@ -301,6 +325,68 @@ class UtioRunnerMixin:
             seq_lens_cpu_upper_bound=lens_t,
             max_seq_len=int(lens.max()),
         )
+
+    def _utio_blocks(self, policy: AttentionPolicy, seq_len: int, req_id: str) -> Selection | None:
+        """The blocks a decode row of ``policy`` keeps (None: all of them)."""
+        bs = self.cache_config.block_size
+        if policy.policy == "throttle":
+            return throttled_blocks(seq_len, bs, policy.sink_tokens, policy.recent_tokens)
+        # vslash; without an estimate yet (first decode step) the verticals are empty
+        return vslash_blocks(
+            seq_len,
+            bs,
+            policy.sink_tokens,
+            policy.recent_tokens,
+            policy.slash_offsets,
+            self._utio_ranked.get(req_id, ()),
+            policy.vertical_blocks,
+        )
+
+    def _utio_needs_estimate(self, policy: AttentionPolicy, seq_len: int) -> bool:
+        """Whether verticals could matter on the row's next step (else skip the K read)."""
+        if policy.policy != "vslash" or policy.vertical_blocks == 0:
+            return False
+        bs = self.cache_config.block_size
+        base = (policy.sink_tokens, policy.recent_tokens, policy.slash_offsets)
+        return vslash_blocks(seq_len + 1, bs, *base) is not None  # something left to add
+
+    def _utio_estimate_rows(
+        self, rows: np.ndarray, table: np.ndarray, seq_lens: np.ndarray
+    ) -> VerticalEstimate:
+        """The vslash rows' unrestricted block lists, read after the forward for the estimate."""
+        bs = self.cache_config.block_size
+        lens = seq_lens[rows].astype(np.int64)
+        num_blocks = -(-lens // bs)
+        blocks = table[rows, : int(num_blocks.max())].astype(np.int64)
+        pad = np.arange(blocks.shape[1])[None, :] >= num_blocks[:, None]
+        blocks[pad] = np.broadcast_to(blocks[:, :1], blocks.shape)[pad]  # any valid block
+        req_ids = [self.input_batch.req_ids[r] for r in rows.tolist()]
+        return VerticalEstimate(rows, req_ids, torch.from_numpy(blocks), lens)
+
+    def _utio_estimate_verticals(self, captures: list[dict[str, Any]], qsl: np.ndarray) -> None:
+        """Rank the vslash rows' blocks by attention mass at the estimate layer (next step's
+        verticals): this step's post-RoPE query against that layer's cached K."""
+        est = self._utio_estimate
+        if est is None or self._utio_executor is None:
+            return
+        t0 = time.perf_counter()
+        query, ran = _captured_rows(captures, "query", qsl[est.rows])
+        stack, layer = self._utio_executor.stack, self._utio_executor.heat_layer
+        keys = stack.read_keys(layer, est.blocks[torch.from_numpy(ran)]) if ran.any() else None
+        if keys is None:
+            if ran.any() and not self._utio_estimate_warned:
+                logger.warning("UTIO vslash: unknown KV-cache layout, no vertical blocks")
+                self._utio_estimate_warned = True
+            return
+        lens = est.seq_lens[ran]
+        query = query.reshape(len(lens), -1, keys.shape[-1])
+        scale = stack.attention_scale(layer)
+        mass = block_attention_mass(query, keys, torch.from_numpy(lens), scale)
+        ranked = rank_blocks(mass, lens.tolist(), self.cache_config.block_size)
+        for req_id, order in zip(np.array(est.req_ids)[ran].tolist(), ranked, strict=True):
+            self._utio_ranked[req_id] = order
+        self.utio_stats.kv_estimate_tokens += int(lens.sum())
+        self.utio_stats.estimate_s += time.perf_counter() - t0
 
     def _utio_heat_per_row(self, captures: list[dict[str, Any]], qsl: np.ndarray) -> np.ndarray:
         """Attention heat of each row's last token (NaN where it did not run the layer)."""
@@ -360,6 +446,7 @@ class UtioRunnerMixin:
     def _on_request_state_removed(self, req_id: str, req_state: Any) -> None:
         super()._on_request_state_removed(req_id, req_state)
         self._utio_signals.pop(req_id, None)
+        self._utio_ranked.pop(req_id, None)
 
     # --- RPC-facing ----------------------------------------------------------------
     def utio_stats_dict(self, reset: bool = False) -> dict[str, Any]:
@@ -368,3 +455,28 @@ class UtioRunnerMixin:
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)
         return out
+
+
+def _captured_rows(
+    captures: list[dict[str, Any]], key: str, tokens: np.ndarray
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``capture[key]`` rows of flat step ``tokens``, and which tokens were captured at all."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    cap_of = np.full(len(tokens), -1)
+    local = np.zeros(len(tokens), dtype=np.int64)
+    for c, cap in enumerate(captures):
+        sel = cap["tokens"]
+        if isinstance(sel, slice):
+            hit = (tokens >= sel.start) & (tokens < sel.stop)
+            pos = tokens - sel.start
+        else:
+            idx = sel.cpu().numpy()
+            if not len(idx):
+                continue
+            order = np.argsort(idx, kind="stable")
+            at = np.minimum(np.searchsorted(idx[order], tokens), len(idx) - 1)
+            hit, pos = idx[order][at] == tokens, order[at]
+        cap_of[hit], local[hit] = c, pos[hit]
+    ran = cap_of >= 0
+    picked = [captures[c][key][i] for c, i in zip(cap_of[ran], local[ran], strict=True)]
+    return (torch.stack(picked) if picked else torch.empty(0)), ran

@@ -8,16 +8,24 @@ RMS-normalizes it (scale-free) and scores ``sigmoid(weight . x / rms(x) + bias)`
 ``max_score`` thresholds). ``r`` must be a layer every bucket runs, so the decision is
 made before any row leaves the batch; rows then move with gather/scatter, because the
 batch order was fixed before the step.
+
+The engine also runs the calibrated multi-bucket router (routing/cost_router.py,
+``utio-router`` files from ``vllm-utio calibrate``) at the same point;
+:func:`load_checked_probe` accepts either file and returns a :class:`MidForwardRouter`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from vllm_utio.config import UtioConfig, UtioConfigError
+from vllm_utio.routing.bucketing import levels_from_scores
+from vllm_utio.routing.cost_router import ROUTER_FORMAT, CostRouter
 from vllm_utio.tagged_files import load_tagged, save_tagged
 
 FORMAT = "utio-probe"
@@ -36,6 +44,34 @@ class Probe:
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return torch.sigmoid(x @ self.weight.float() + self.bias.float())
 
+    def levels(self, stream: torch.Tensor, max_scores: list[float]) -> np.ndarray:
+        """Engine level per row (0 = full depth) by the buckets' ``max_score``."""
+        return levels_from_scores(self.scores(stream).cpu().numpy(), max_scores)
+
+
+class MidForwardRouter(Protocol):
+    """What the executor calls after ``layer``: a level per row (0 = full depth)."""
+
+    layer: int
+
+    def levels(self, stream: torch.Tensor, max_scores: list[float]) -> np.ndarray: ...
+
+
+@dataclass
+class CostProbe:
+    """A calibrated CostRouter in the engine's level convention (thresholds unused: its
+    own ``lam`` decides)."""
+
+    router: CostRouter
+
+    @property
+    def layer(self) -> int:
+        return self.router.routing_layer
+
+    def levels(self, stream: torch.Tensor, max_scores: list[float]) -> np.ndarray:
+        index = self.router.route(stream).cpu().numpy()  # shallowest first, -1 = full
+        return np.where(index < 0, 0, len(max_scores) - index).astype(np.int64)
+
 
 def save_probe(path: str | Path, probe: Probe) -> None:
     tensors = {"weight": probe.weight.float().contiguous(), "bias": probe.bias.float().reshape(1)}
@@ -53,10 +89,38 @@ def load_probe(path: str | Path, hidden_size: int) -> Probe:
     return Probe(weight.reshape(-1), bias.reshape(1), int(meta["layer"]))
 
 
-def load_checked_probe(cfg: UtioConfig, hidden_size: int) -> Probe:
-    """The configured probe, checked against the model and the buckets (UtioConfigError)."""
+def _file_format(path: str | Path) -> str | None:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None  # the loaders raise the not-found error
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("format")
+
+
+def _load_cost_probe(path: str | Path, cfg: UtioConfig, hidden_size: int, num_layers: int):
+    router = CostRouter.load(path)
+    if router.hidden_size != hidden_size:
+        raise ValueError(
+            f"{path}: router is for hidden size {router.hidden_size}, model has {hidden_size}"
+        )
+    want = [len(b.skipped(num_layers)) for b in cfg.buckets]
+    if router.saved_layers != want:
+        raise ValueError(
+            f"{path}: router was calibrated for buckets skipping {router.saved_layers} "
+            f"layers (shallowest first), but the configured buckets skip {want}"
+        )
+    return CostProbe(router)
+
+
+def load_checked_probe(cfg: UtioConfig, hidden_size: int, num_layers: int) -> MidForwardRouter:
+    """The configured probe (utio-probe or utio-router file), checked against the model
+    and the buckets (UtioConfigError)."""
     try:
-        probe = load_probe(cfg.probe_path, hidden_size)
+        if _file_format(cfg.probe_path) == ROUTER_FORMAT:
+            probe: MidForwardRouter = _load_cost_probe(cfg.probe_path, cfg, hidden_size, num_layers)
+        else:
+            probe = load_probe(cfg.probe_path, hidden_size)
     except (OSError, ValueError) as err:
         raise UtioConfigError(f"UTIO config field 'probe_path': {err}") from None
     last_shared = min(b.keep_first for b in cfg.buckets) - 1

@@ -1,0 +1,378 @@
+"""``vllm-utio bench-long``: decode speed of sparse attention policies at long context.
+
+Cases (see :mod:`vllm_utio.benchmarking.long_policies`): vanilla vLLM, UTIO dense, each
+policy applied to every decode token, and policies applied by importance routing. Prompts
+of each context length are cut from the prepared Wikipedia text, one distinct window per
+request; greedy, ``ignore_eos``, a fixed number of new tokens; cases interleaved per
+repeat; medians. Decode tok/s and per-step latency come from the engine's per-request
+timestamps (:func:`vllm_utio.benchmarking.offline.measure_once`).
+
+Attention share: a worker extension times the attention kernel of every layer in pure
+decode steps (:mod:`vllm_utio.benchmarking.attention_timer`); share = attention ms per
+decode step / measured step ms, in the same runs.
+
+Prefix caching is on: request ``i`` gets the same prompt in every case and repeat (and
+batch 8 uses the first 8 of batch 32's prompts), so each engine prefills a context's
+prompts once, in its warm-up. That is exact here: prompt K/V come from dense full-depth
+prefill under every policy, and no prompt contains another request's generated tokens.
+
+Memory: each engine holds a KV cache for the largest batch x (context + new tokens)
+(6.9 GB at 32 x 8.2k for the default model). ``--engines together`` keeps every engine
+alive and interleaves all cases; ``sequential`` runs one engine at a time (cases on one
+engine stay interleaved: UTIO dense and every "-all" policy share the forced engine);
+``auto`` picks together when all KV caches plus 2 GiB per engine fit in available memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vllm_utio.benchmarking import attention_timer
+from vllm_utio.benchmarking import long_policies as lp
+from vllm_utio.benchmarking.offline import measure_once, summarize
+from vllm_utio.benchmarking.results import new_results, save
+
+KIND = "long-context"
+ENGINE_OVERHEAD_BYTES = 2 << 30  # per engine process besides its KV cache (weights, torch)
+ENGINE_MODES = {
+    "together": "all alive, every case interleaved",
+    "sequential": "one at a time; the cases of one engine interleaved",
+}
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def corpus_ids(tokenizer: Any, texts: Sequence[str], needed: int) -> list[int]:
+    """Token ids of ``texts`` joined, tokenizing documents only until ``needed`` are there."""
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.encode(text + "\n\n", add_special_tokens=False))
+        if len(ids) >= needed:
+            break
+    return ids
+
+
+def long_prompts(
+    ids: Sequence[int], batch: int, length: int, max_batch: int, max_length: int
+) -> list[dict]:
+    """``batch`` prompts of ``length`` tokens; prompt ``i`` starts at ``i * stride`` whatever
+    the batch or length, so smaller batches and shorter contexts reuse cached prefixes."""
+    if len(ids) < max_length:
+        raise ValueError(f"text has {len(ids)} tokens, a prompt needs {max_length}")
+    stride = max(1, (len(ids) - max_length) // max(1, max_batch - 1))
+    return [{"prompt_token_ids": list(ids[i * stride : i * stride + length])} for i in range(batch)]
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def measure(
+    llm: Any, prompts: list[dict], output_len: int, pin: str | None, utio: bool, timing: bool
+) -> dict[str, Any]:
+    """One run (see :func:`measure_once`) plus attention time and sparse-attention counters."""
+    before = attention_timer.read(llm) if timing else None
+    sample = measure_once(llm, prompts, output_len, pin, utio)
+    attn_ms = None
+    if before is not None:
+        attn_ms = attention_timer.decode_attention_ms(before, attention_timer.read(llm))
+    step = sample["step_ms"]
+    sample["attn_ms"] = attn_ms
+    sample["attention_share"] = attn_ms / step if attn_ms is not None and step else None
+    sample["kv_read_fraction"] = sample["sparse_share"] = None
+    u = sample["utio"]
+    if u is not None:
+        if u["kv_tokens_dense"]:
+            sample["kv_read_fraction"] = u["kv_tokens_read"] / u["kv_tokens_dense"]
+        decode_rows = len(prompts) * sample["decode_steps"]
+        if decode_rows:
+            # every row at level >= 1 was a decode row under the bucket's sparse policy
+            sample["sparse_share"] = min(1.0, sum(u["rows_per_level"][1:]) / decode_rows)
+    return sample
+
+
+def _groups(engines: Sequence[str], mode: str) -> list[list[str]]:
+    return [list(engines)] if mode == "together" else [[e] for e in engines]
+
+
+def run_long(
+    engines: dict[str, dict[str, Any] | None],
+    cases: Sequence[lp.Case],
+    make_llm: Callable[[str], Any],
+    ids: Sequence[int],
+    contexts: Sequence[int],
+    batches: Sequence[int],
+    output_len: int,
+    repeats: int,
+    timing: bool,
+    mode: str,
+    release: Callable[[Any], None] = lp.shutdown,
+) -> list[dict[str, Any]]:
+    """Measure every case at every (context, batch), ``repeats`` times; raw samples.
+
+    ``make_llm(engine_key)`` builds (or hands out) an engine; ``release`` is called on it
+    when its group is done.
+    """
+    order = sorted(batches, reverse=True)  # the largest batch prefills every prompt first
+    max_batch = max(batches)
+    samples: list[dict[str, Any]] = []
+    total = len(contexts) * len(batches) * repeats * len(cases)
+    with tqdm(total=total, desc="bench-long", unit="run") as bar:
+        for group in _groups([e for e in engines if any(c.engine == e for c in cases)], mode):
+            group_cases = [c for c in cases if c.engine in group]
+            llms: dict[str, Any] = {}
+            try:
+                for key in group:
+                    bar.set_postfix_str(f"starting {key}")
+                    llms[key] = make_llm(key)
+                for ctx in contexts:
+                    for batch in order:
+                        prompts = long_prompts(ids, batch, ctx, max_batch, max(contexts))
+                        for case in group_cases:  # warm-up: prefill (cached), compile
+                            bar.set_postfix_str(f"warm-up {case.name} ctx={ctx} b={batch}")
+                            utio = engines[case.engine] is not None
+                            measure_once(llms[case.engine], prompts, 4, case.pin, utio)
+                        for repeat in range(repeats):
+                            for case in group_cases:
+                                utio = engines[case.engine] is not None
+                                s = measure(
+                                    llms[case.engine], prompts, output_len, case.pin, utio, timing
+                                )
+                                s.update(config=case.name, batch=batch, prompt_len=ctx)
+                                s["repeat"] = repeat
+                                samples.append(s)
+                                bar.set_postfix_str(
+                                    f"{case.name} ctx={ctx} b={batch} "
+                                    f"{s['decode_tok_s'] or 0:.0f} tok/s"
+                                )
+                                bar.update()
+            finally:
+                for llm in llms.values():
+                    release(llm)
+    return samples
+
+
+def _median(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def summarize_long(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`summarize` rows plus medians of the long-context fields."""
+    rows = summarize(samples)
+    for row in rows:
+        group = [
+            s
+            for s in samples
+            if (s["config"], s["batch"], s["prompt_len"])
+            == (row["config"], row["batch"], row["prompt_len"])
+        ]
+        for key in ("attn_ms", "attention_share", "kv_read_fraction", "sparse_share"):
+            row[key] = _median([s.get(key) for s in group])
+    return rows
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model path (default: the embedded model)")
+    parser.add_argument(
+        "--context-lens",
+        type=int,
+        nargs="+",
+        default=[1024, 4096, 8064],
+        help="prompt tokens; prompt + output must fit the model's positions (8192 for the "
+        "default model, hence 8064 for '8k' with 128 new tokens)",
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        default=None,
+        metavar="NAME[=JSON]",
+        help=f"attention policies (default: {', '.join(lp.POLICIES)}); NAME=JSON for your own",
+    )
+    parser.add_argument(
+        "--routed",
+        nargs="*",
+        default=list(lp.ROUTED),
+        help="policies also applied by importance routing (surrogate score), one engine each",
+    )
+    parser.add_argument(
+        "--route-max-score",
+        type=float,
+        default=lp.ROUTE_MAX_SCORE,
+        help="routed cases: decode tokens scoring below this get the sparse policy",
+    )
+    parser.add_argument(
+        "--engines",
+        choices=("auto", "together", "sequential"),
+        default="auto",
+        help="keep all engines alive (interleave every case) or run one engine at a time",
+    )
+    parser.add_argument(
+        "--kv-cache-gib", type=float, default=None, help="per engine (default: fits the sizes)"
+    )
+    parser.add_argument("--eager", action="store_true", help="enforce_eager on every engine")
+    parser.add_argument(
+        "--no-attention-timing", action="store_true", help="do not time the attention kernel"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one ~600-token context, batch 2, 8 new tokens"
+    )
+    parser.add_argument("-o", "--out", type=Path, default=Path("results/long_context.json"))
+
+
+def apply_quick(args: argparse.Namespace) -> None:
+    args.context_lens, args.batch_sizes, args.output_len, args.repeats = [640], [2], 8, 1
+
+
+def plan(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    """Everything a run needs that does not need an engine: policies, engines, cases, sizes."""
+    shape = lp.model_shape(model)
+    longest = max(args.context_lens) + args.output_len
+    if shape["max_positions"] and longest > shape["max_positions"]:
+        raise SystemExit(
+            f"context {max(args.context_lens)} + {args.output_len} new tokens = {longest} "
+            f"exceeds the model's {shape['max_positions']} positions"
+        )
+    policies, notes = lp.available(lp.parse_policy_args(args.policy))
+    if args.quick:
+        policies = lp.with_recent(policies, lp.QUICK_RECENT_TOKENS)
+    routed = [p for p in args.routed if p in policies]
+    notes += [
+        f"routed policy {p!r} skipped: not among the policies run"
+        for p in args.routed
+        if p not in policies
+    ]
+    engines = lp.engine_configs(policies, routed, shape["num_layers"], args.route_max_score)
+    per_token = lp.kv_bytes_per_token(model)
+    kv = (
+        int(args.kv_cache_gib * (1 << 30))
+        if args.kv_cache_gib
+        else max(256 << 20, int(1.15 * max(args.batch_sizes) * longest * per_token))
+    )
+    mode = args.engines
+    if mode == "auto":
+        avail = lp.mem_available_bytes() or 0
+        mode = "together" if len(engines) * (kv + ENGINE_OVERHEAD_BYTES) < avail else "sequential"
+    return {
+        "policies": policies,
+        "routed": routed,
+        "engines": engines,
+        "cases": lp.cases(policies, routed, args.route_max_score),
+        "kv_bytes": kv,
+        "max_len": longest,
+        "mode": mode,
+        "notes": notes,
+    }
+
+
+def method_notes(p: dict[str, Any], timing: bool) -> list[str]:
+    notes = [
+        "decode tok/s = batch x (new tokens - 1) / decode time, decode time = last token - "
+        "first token of the batch (engine timestamps; every prompt is prefilled before it "
+        "starts); step ms = decode time / decode steps; medians over repeats (min-max)",
+        "'-all' cases pin every request to a full-depth bucket carrying the policy on one "
+        "forced-router engine (same code path as attention_all); utio-dense is the same "
+        "engine unpinned, so it is the reference for the policies' speedup",
+        "'-routed' cases: surrogate router, one full-depth bucket with the policy; "
+        "sparse share = decode tokens the router sent to it",
+        "kv read = cached positions decode tokens attended to / what dense attention reads "
+        "(UTIO's counters; block-granular)",
+        f"engines: {p['mode']} ({ENGINE_MODES[p['mode']]}), "
+        f"KV cache {p['kv_bytes'] / 2**30:.2f} GiB each, prefix caching on (each context's "
+        "prompts prefilled once per engine in the warm-up runs)",
+    ]
+    if timing:
+        notes.append(
+            "attention share = attention-kernel ms per pure-decode step (every layer's "
+            "impl.forward, i.e. cpu_attention_with_kv_cache, timed in the worker; K/V "
+            "writes excluded) / measured step ms, from the same runs; ceiling = 1 / (1 - "
+            "share), the speedup if attention were free; vslash's vertical-block estimate "
+            "(one layer's cached K scored per step) runs outside the kernel, so it counts "
+            "as non-attention time"
+        )
+    return notes
+
+
+def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
+    """Run the benchmark; ``llms`` (engine key -> LLM) supplies ready engines (tests)."""
+    from transformers import AutoTokenizer
+
+    from vllm_utio.assets.data import load_wiki_documents
+    from vllm_utio.paths import default_model_dir
+
+    if args.quick:
+        apply_quick(args)
+    model = str(args.model or default_model_dir())
+    p = plan(args, model)
+    timing = not args.no_attention_timing
+    if llms is not None:
+        p["mode"] = "together"
+    settings = {
+        "kind": KIND,
+        "model": model,
+        "batch_sizes": args.batch_sizes,
+        "prompt_lens": args.context_lens,
+        "output_len": args.output_len,
+        "repeats": args.repeats,
+        "dtype": "bfloat16",
+        "enforce_eager": args.eager,
+        "quick": args.quick,
+        "policies": p["policies"],
+        "routed": p["routed"],
+        "route_max_score": args.route_max_score,
+        "engines": {k: v for k, v in p["engines"].items()},
+        "engine_mode": p["mode"],
+        "kv_cache_bytes": p["kv_bytes"],
+        "attention_timing": timing,
+    }
+    configs = [{**c.__dict__, "levels": None} for c in p["cases"]]
+    results = new_results(settings, configs)
+    results["notes"] = p["notes"] + method_notes(p, timing)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = [d["text"] for d in load_wiki_documents()]
+    ids = corpus_ids(tokenizer, texts, max(args.batch_sizes) * max(args.context_lens))
+
+    def make_llm(key: str) -> Any:
+        if llms is not None:
+            return llms[key]
+        from vllm import LLM
+
+        kw = lp.engine_kwargs(
+            p["max_len"],
+            max(args.batch_sizes),
+            p["kv_bytes"],
+            args.eager,
+            timing=timing,
+            utio=p["engines"][key],
+        )
+        return LLM(model, **kw)
+
+    samples = run_long(
+        p["engines"],
+        p["cases"],
+        make_llm,
+        ids,
+        args.context_lens,
+        args.batch_sizes,
+        args.output_len,
+        args.repeats,
+        timing,
+        p["mode"],
+        release=(lambda _llm: None) if llms is not None else lp.shutdown,
+    )
+    results["samples"] = samples
+    results["summary"] = summarize_long(samples)
+    print(save(results, args.out))
+    return 0

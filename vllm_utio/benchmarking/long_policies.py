@@ -1,0 +1,226 @@
+"""The sparse attention policies compared at long context, and the engines that run them.
+
+Shared by ``vllm-utio bench-long`` (speed) and ``vllm-utio eval-long`` (quality).
+:data:`POLICIES` is the data: a name and its ``AttentionPolicy`` JSON; adding a policy is
+one line. A policy this build's config rejects (``vslash`` before it lands) is skipped
+with a note, so the tools run either way.
+
+Engines (UTIO configs that differ only in attention):
+
+- ``vanilla``: UTIO off.
+- ``utio``: forced router, one *full-depth* bucket per policy (``keep_first`` = every
+  layer, nothing skipped) whose ``attention`` is that policy. A request pinned to bucket
+  ``throttle`` runs every layer and every decode step with throttled attention: the same
+  code path as ``attention_all`` (the runner picks the policy of a decode row's level; a
+  pinned level's policy or the global one, then restricts the block table alike). One
+  engine then serves dense-through-UTIO (unpinned requests) and every "applied to all
+  tokens" policy, interleaved on the same KV and prefix cache; separate
+  ``attention_all`` engines would each need their own 6+ GB KV cache at 32 x 8k.
+- ``routed-<policy>``: surrogate router, one full-depth bucket with that policy under
+  ``max_score``: the importance score decides per token and step only whether its
+  attention is sparse. Depth never changes (a bucket may keep all layers: the config
+  only forbids keeping more), so this routes the attention policy alone.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# name -> AttentionPolicy JSON (see docs/config.md); one line per policy
+POLICIES: dict[str, dict[str, Any]] = {
+    "throttle": {"policy": "throttle", "sink_tokens": 128, "recent_tokens": 512},
+    "vslash": {"policy": "vslash", "sink_tokens": 128, "recent_tokens": 512},
+}
+ROUTED = ("throttle",)  # policies also measured under importance routing
+# Surrogate scores of decode tokens on 1k-token Wikipedia prompts (8 x 127 tokens,
+# measured once): 39% below 0.10, 72% below 0.15, 85% below 0.20; 0.12 sends about half
+# of the decode tokens to the sparse policy. Runs report the share they really got.
+ROUTE_MAX_SCORE = 0.12
+QUICK_RECENT_TOKENS = 128  # quick runs use ~600-token contexts: a 512 window would cut nothing
+
+
+@dataclass(frozen=True)
+class Case:
+    """One measured configuration: an engine and, on the forced engine, a pinned bucket."""
+
+    name: str
+    engine: str
+    pin: str | None
+    description: str
+
+
+def parse_policy_args(values: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``NAME`` (a built-in) or ``NAME=JSON`` per value; None: every built-in policy."""
+    if not values:
+        return dict(POLICIES)
+    out: dict[str, dict[str, Any]] = {}
+    for value in values:
+        name, _, raw = value.partition("=")
+        if raw:
+            out[name] = json.loads(raw)
+        elif name in POLICIES:
+            out[name] = POLICIES[name]
+        else:
+            raise SystemExit(f"--policy {name!r}: not built in ({sorted(POLICIES)}); use NAME=JSON")
+    return out
+
+
+def available(policies: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """(the policies this build accepts, a note per policy skipped and why)."""
+    from vllm_utio.config import AttentionPolicy, UtioConfigError
+
+    ok: dict[str, dict[str, Any]] = {}
+    notes: list[str] = []
+    for name, spec in policies.items():
+        try:
+            AttentionPolicy.model_validate(spec)
+        except (ValueError, UtioConfigError) as err:
+            first = str(err).splitlines()[0]
+            notes.append(f"policy {name!r} skipped: this build's config rejects {spec} ({first})")
+            continue
+        ok[name] = spec
+    return ok, notes
+
+
+def with_recent(policies: dict[str, dict[str, Any]], recent: int) -> dict[str, dict[str, Any]]:
+    return {n: {**p, "recent_tokens": recent} for n, p in policies.items()}
+
+
+def quick_engine_configs(num_layers: int) -> dict[str, dict[str, Any] | None]:
+    """The engines both tools build with ``--quick`` and default policy options."""
+    policies = with_recent(available(POLICIES)[0], QUICK_RECENT_TOKENS)
+    routed = [p for p in ROUTED if p in policies]
+    return engine_configs(policies, routed, num_layers, ROUTE_MAX_SCORE)
+
+
+def _full_bucket(name: str, num_layers: int, max_score: float, attention: dict) -> dict:
+    return {
+        "name": name,
+        "max_score": max_score,
+        "keep_first": num_layers,
+        "keep_last": 0,
+        "attention": attention,
+    }
+
+
+def engine_configs(
+    policies: dict[str, dict[str, Any]],
+    routed: list[str],
+    num_layers: int,
+    route_max_score: float,
+) -> dict[str, dict[str, Any] | None]:
+    """Engine key -> UTIO config (None: UTIO off)."""
+    # forced routing ignores max_score, but the config wants it increasing
+    buckets = [
+        _full_bucket(name, num_layers, (i + 1) / (len(policies) + 1), spec)
+        for i, (name, spec) in enumerate(policies.items())
+    ]
+    out: dict[str, dict[str, Any] | None] = {
+        "vanilla": None,
+        "utio": {"enabled": True, "router": "forced", "buckets": buckets},
+    }
+    for name in routed:
+        bucket = _full_bucket(name, num_layers, route_max_score, policies[name])
+        out[f"routed-{name}"] = {"enabled": True, "router": "surrogate", "buckets": [bucket]}
+    return out
+
+
+def cases(
+    policies: dict[str, dict[str, Any]], routed: list[str], route_max_score: float
+) -> list[Case]:
+    out = [
+        Case("vanilla", "vanilla", None, "vLLM, UTIO off"),
+        Case("utio-dense", "utio", None, "UTIO on, every token full depth, dense attention"),
+    ]
+    for name, spec in policies.items():
+        out.append(Case(f"{name}-all", "utio", name, f"every decode token: {_describe(spec)}"))
+    for name in routed:
+        out.append(
+            Case(
+                f"{name}-routed",
+                f"routed-{name}",
+                None,
+                f"decode tokens with surrogate importance < {route_max_score}: "
+                f"{_describe(policies[name])}; the others dense (all full depth)",
+            )
+        )
+    return out
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    rest = ", ".join(f"{k}={v}" for k, v in spec.items() if k != "policy")
+    return f"{spec.get('policy')} ({rest})" if rest else str(spec.get("policy"))
+
+
+def model_shape(model: str | Path) -> dict[str, int]:
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    return {
+        "num_layers": cfg["num_hidden_layers"],
+        "kv_heads": cfg.get("num_key_value_heads", heads),
+        "head_dim": cfg.get("head_dim", cfg["hidden_size"] // heads),
+        "max_positions": cfg.get("max_position_embeddings", 0),
+    }
+
+
+def kv_bytes_per_token(model: str | Path) -> int:
+    """bf16 K and V of one token over every layer."""
+    s = model_shape(model)
+    return s["num_layers"] * 2 * s["kv_heads"] * s["head_dim"] * 2
+
+
+def engine_kwargs(
+    max_len: int,
+    max_batch: int,
+    kv_bytes: int,
+    eager: bool,
+    forcing: bool = False,
+    timing: bool = False,
+    utio: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``LLM(...)`` keyword arguments shared by the long-context tools."""
+    from vllm_utio.benchmarking.attention_timer import EXTENSION
+
+    kw: dict[str, Any] = {
+        "dtype": "bfloat16",
+        "max_model_len": max_len,
+        "max_num_seqs": max(max_batch, 2),
+        # chunked prefill: 32 x 8k prompt tokens need not be one activation batch
+        "max_num_batched_tokens": max(8192, max_len),
+        "kv_cache_memory_bytes": kv_bytes,
+        # prompts' K/V are written by dense full-depth prefill whatever the policy, so
+        # cases on one engine may share them (see the tools for why this stays exact)
+        "enable_prefix_caching": True,
+        "enforce_eager": eager,
+        "disable_log_stats": False,  # per-request timestamps (decode time) need stats
+        "seed": 0,
+    }
+    if forcing:
+        from vllm_utio.evaluation.quality import ENGINE_DEFAULTS
+
+        kw["logprobs_mode"] = ENGINE_DEFAULTS["logprobs_mode"]
+        kw["logits_processors"] = ENGINE_DEFAULTS["logits_processors"]
+    if timing:
+        kw["worker_extension_cls"] = EXTENSION
+    if utio is not None:
+        kw["additional_config"] = {"utio": utio}
+    return kw
+
+
+def mem_available_bytes() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def shutdown(llm: Any) -> None:
+    from vllm_utio.benchmarking.offline import _shutdown
+
+    _shutdown(llm)
