@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import NUM_LAYERS, model_path, shutdown
 
-from vllm_utio.benchmarking import attention_timer, long_context, report, results
+from vllm_utio.benchmarking import long_context, report, results
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.config import parse_utio_config
 from vllm_utio.evaluation import long_cli
@@ -26,6 +26,7 @@ from vllm_utio.evaluation.long_quality import (
     needle_answer,
     pass_rate,
 )
+from vllm_utio.integration import attention_timer
 
 # --------------------------------------------------------------------------- no engine
 

@@ -8,7 +8,7 @@ repeat; medians. Decode tok/s and per-step latency come from the engine's per-re
 timestamps (:func:`vllm_utio.benchmarking.offline.measure_once`).
 
 Attention share: a worker extension times the attention kernel of every layer in pure
-decode steps (:mod:`vllm_utio.benchmarking.attention_timer`); share = attention ms per
+decode steps (:mod:`vllm_utio.integration.attention_timer`); share = attention ms per
 decode step / measured step ms, in the same runs.
 
 Prefix caching is on: request ``i`` gets the same prompt in every case and repeat (and
@@ -33,10 +33,10 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vllm_utio.benchmarking import attention_timer
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.benchmarking.offline import measure_once, summarize
 from vllm_utio.benchmarking.results import new_results, save
+from vllm_utio.integration import attention_timer
 
 KIND = "long-context"
 ENGINE_OVERHEAD_BYTES = 2 << 30  # per engine process besides its KV cache (weights, torch)

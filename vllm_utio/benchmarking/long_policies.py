@@ -182,7 +182,7 @@ def engine_kwargs(
     utio: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments shared by the long-context tools."""
-    from vllm_utio.benchmarking.attention_timer import EXTENSION
+    from vllm_utio.integration.attention_timer import EXTENSION
 
     kw: dict[str, Any] = {
         "dtype": "bfloat16",
