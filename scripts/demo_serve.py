@@ -25,7 +25,7 @@ from vllm_utio.serving import ServerError, ServerProcess
 # skipping layers 13-18 / 15-18 / 17-18 with trained exit corrections, routed mid-forward
 # by the learned probe to a +3% held-out perplexity budget.
 UTIO_CONFIG = {"artifact": "default"}
-DEFAULT_QUESTION = "What is the capital of France? Answer in one sentence."
+DEFAULT_QUESTION = "Explain in a few sentences why the sky is blue."  # long enough to route
 KV_CACHE_BYTES = 512 * 1024 * 1024  # small explicit KV cache: enough for one chat on CPU
 
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=None, help="port on 127.0.0.1 (default: free)")
     p.add_argument("--model", type=Path, default=default_model_dir(), help="HF model folder")
     p.add_argument("--question", default=DEFAULT_QUESTION, help="the user message to send")
-    p.add_argument("--max-tokens", type=int, default=64, help="answer length limit")
+    p.add_argument("--max-tokens", type=int, default=96, help="answer length limit")
     p.add_argument("--startup-timeout", type=float, default=300.0, help="seconds")
     return p.parse_args(argv)
 
