@@ -29,8 +29,8 @@ ARTIFACT_FORMAT = "utio-calibration"
 ARTIFACT_VERSION = 1
 MANIFEST = "artifact.json"
 ROUTER_FILE = "router.safetensors"
-# Config fields an artifact provides; the user may override the non-structural ones.
-PROVIDED = ("buckets", "probe_path")
+# Config fields the user may set next to an artifact, overriding its values (the
+# fields it provides outright, buckets and probe_path, are refused by UtioConfig).
 OVERRIDABLE = ("router", "signal", "routing_layer")
 
 
@@ -160,13 +160,8 @@ def resolve_artifact(raw: dict[str, Any], model_path: str | Path) -> dict[str, A
     Fields the artifact provides (buckets, probe_path) must not be set alongside it;
     router, signal and routing_layer given by the user win over the artifact's.
     """
+    parse_utio_config(raw)  # the config's own rules, incl. fields that conflict with it
     value = raw["artifact"]
-    for name in PROVIDED:
-        if raw.get(name):
-            raise UtioConfigError(
-                f"UTIO config field '{name}' conflicts with 'artifact' ({value!r}): the "
-                f"artifact provides {', '.join(PROVIDED)}; remove one of them"
-            )
     directory = artifact_dir(value)
     try:
         artifact = load_artifact(directory, model_path)
