@@ -424,3 +424,46 @@ def test_throttled_decode_in_the_engine(vanilla_llm):
     assert s_vs_wide["kv_estimate_tokens"] == s_narrow["kv_estimate_tokens"] == 0
     assert vs_narrow != dense, "dropping a third of a long context changes the continuation"
     assert state["ranked"] == 0 and state["requests"] == 0, "per-request estimates released"
+
+
+@pytest.mark.engine
+def test_bucket_policy_applies_after_mid_forward_routing(vanilla_llm, tmp_path):
+    """router='probe' decides levels at its layer r: the routed rows' bucket policy then
+    restricts layers r+1.. (layers up to r ran dense, before the decision existed)."""
+    from test_engine_foundation import greedy
+
+    from vllm_utio.routing.probe import Probe, save_probe
+
+    layer, num_layers = 11, 30
+    path = tmp_path / "low.safetensors"
+    score = 0.1  # below the bucket's max_score: every decode row goes to "narrow"
+    save_probe(path, Probe(torch.zeros(576), torch.tensor([np.log(score / (1 - score))]), layer))
+    bucket = {**THROTTLE_BUCKETS[0], "max_score": 0.5}
+    llm = make_llm(
+        {"enabled": True, "router": "probe", "probe_path": str(path), "buckets": [bucket]}
+    )
+    prompts = [LONG, LONG[: len(LONG) // 2]]
+    try:
+        routed = greedy(llm, prompts, max_tokens=MAX_TOKENS)
+        stats = llm.collective_rpc("utio_stats")[0]
+        prompt_lens = [len(llm.get_tokenizer().encode(p)) for p in prompts]
+    finally:
+        shutdown(llm)
+    dense = greedy(vanilla_llm, prompts, max_tokens=MAX_TOKENS)
+    assert routed != dense, "throttling layers 12-29 of a long context changes the continuation"
+    out_lens = [len(t) for t in dense]
+    assert stats["rows_per_level"][1] == sum(out - 1 for out in out_lens)  # every decode row
+    # KV read per step, layer-weighted: 12 dense layers, 18 restricted ones
+    after = num_layers - 1 - layer
+    dense_reads = weighted = 0.0
+    for p, out in zip(prompt_lens, out_lens, strict=True):
+        for i in range(1, out):
+            n = p + i
+            cut = throttled_blocks(n, 128, SINK, NARROW)
+            dense_reads += n
+            weighted += n * (num_layers - after) + (n if cut is None else cut[1]) * after
+    weighted /= num_layers
+    assert stats["kv_tokens_dense"] == dense_reads
+    steps = stats["steps"]
+    assert weighted - steps <= stats["kv_tokens_read"] <= weighted  # floored once per step
+    assert stats["kv_tokens_read"] < 0.75 * dense_reads

@@ -105,7 +105,9 @@ class BucketSpec(_Strict):
         description="Exit-correction file applied where the stream rejoins (identity if unset).",
     )
     attention: AttentionPolicy = Field(
-        default=AttentionPolicy(), description="Attention policy of this bucket's decode tokens."
+        default=AttentionPolicy(),
+        description="Attention policy of this bucket's decode tokens (router='probe': in "
+        "the layers after the routing layer; those up to it run before the decision, dense).",
     )
 
     def skipped(self, num_layers: int) -> range:

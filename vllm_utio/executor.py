@@ -47,7 +47,7 @@ class StepPlan:
     query_start_loc: np.ndarray  # [rows + 1] token offsets per row
     make_sub_batch: Callable[[np.ndarray], SubBatch]
     use_sub_batch: Callable[[SubBatch], AbstractContextManager]
-    full: SubBatch  # every row, with the step's own metadata
+    full: SubBatch  # every row (route_mid may swap in sparse-attention metadata)
     step_slot_mapping: dict[str, torch.Tensor]
     # mid-forward routing: after this layer, route_mid(stream of each row's last token)
     # gives the rows' levels for the rest of the step (gather/scatter execution only)

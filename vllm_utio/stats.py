@@ -22,7 +22,9 @@ class UtioStats:
     layer_tokens_run: int = 0
     layer_tokens_full: int = 0
     kv_fill_layer_tokens: int = 0  # K/V written for skipped layers
-    kv_tokens_read: int = 0  # cached positions decode tokens attended to, per step
+    # cached positions decode tokens attended to, per step (per layer; layer-weighted when
+    # a mid-forward router restricts only the layers after its routing layer)
+    kv_tokens_read: int = 0
     kv_tokens_dense: int = 0  # ... and what dense attention would have read
     kv_estimate_tokens: int = 0  # K positions read at one layer to rank vslash verticals
     estimate_s: float = 0.0  # the vslash vertical estimate (after the forward)

@@ -74,6 +74,7 @@ class UtioRunnerMixin:
         self._utio_recorder = StepMetadataRecorder()
         self._utio_executor: DepthExecutor | None = None
         self._utio_route_s = 0.0
+        self._utio_mid_metadata_s = 0.0
         self._utio_kv_read = (0, 0)  # decode KV tokens read this step, and dense would read
         # vslash: per request, its logical blocks ranked by attention mass (latest estimate)
         self._utio_ranked: dict[str, np.ndarray] = {}
@@ -226,6 +227,7 @@ class UtioRunnerMixin:
                 inputs_embeds=inputs_embeds,
                 **model_kwargs,
             )
+        self._utio_mid_metadata_s = 0.0  # sparse metadata built after mid-forward routing
         plan = self._utio_step_plan(cm, levels)
         t0 = time.perf_counter()
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
@@ -241,15 +243,20 @@ class UtioRunnerMixin:
         ctx = get_forward_context()
         qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
         step_slots = ctx.slot_mapping
+        source = {"cm": cm}  # sub-batches derive from this CM (restricted if rows are sparse)
+
+        def make_sub_batch(rows: np.ndarray) -> SubBatch:
+            self._utio_recorder.recording = False
+            try:
+                return build_sub_batch(source["cm"], rows, self.attn_groups, step_slots)
+            finally:
+                self._utio_recorder.recording = True
+
         throttled = self._utio_throttle(cm, levels, qsl)
         if throttled is not None:
             # sparse rows: every sub-batch (the full one too) derives from the restricted CM
-            cm = throttled
-            self._utio_recorder.recording = False
-            try:
-                full = build_sub_batch(cm, np.arange(cm.num_reqs), self.attn_groups, step_slots)
-            finally:
-                self._utio_recorder.recording = True
+            source["cm"] = throttled
+            full = make_sub_batch(np.arange(cm.num_reqs))
         else:
             full = SubBatch(
                 np.arange(cm.num_reqs),
@@ -258,13 +265,6 @@ class UtioRunnerMixin:
                 ctx.attn_metadata,
                 step_slots,
             )
-
-        def make_sub_batch(rows: np.ndarray) -> SubBatch:
-            self._utio_recorder.recording = False
-            try:
-                return build_sub_batch(cm, rows, self.attn_groups, step_slots)
-            finally:
-                self._utio_recorder.recording = True
 
         def use_sub_batch(sub: SubBatch):
             if sub.attn_metadata is ctx.attn_metadata:  # the step's own metadata
@@ -276,8 +276,33 @@ class UtioRunnerMixin:
 
         plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
         if self._utio_probe is not None:
-            plan.route_layer, plan.route_mid = self._utio_probe.layer, self._utio_route_mid
+            plan.route_layer = self._utio_probe.layer
+
+            def route_mid(stream: torch.Tensor) -> np.ndarray:
+                routed = self._utio_route_mid(stream)
+                if self.utio_cfg.attention_all is None:
+                    self._utio_sparse_after_routing(cm, routed, qsl, plan, source)
+                return routed
+
+            plan.route_mid = route_mid
         return plan
+
+    def _utio_sparse_after_routing(
+        self, cm: Any, levels: np.ndarray, qsl: np.ndarray, plan: StepPlan, source: dict
+    ) -> None:
+        """Per-bucket sparse attention for rows routed mid-forward: the layers after the
+        routing layer read the restricted blocks (those up to it ran dense, before the
+        decision existed); KV reads are counted layer-weighted."""
+        t0 = time.perf_counter()
+        throttled = self._utio_throttle(cm, levels, qsl)
+        if throttled is not None:
+            source["cm"] = throttled
+            plan.full = plan.make_sub_batch(np.arange(cm.num_reqs))
+            read, dense = self._utio_kv_read
+            layers = self._utio_executor.stack.num_layers
+            after = layers - 1 - plan.route_layer
+            self._utio_kv_read = ((dense * (layers - after) + read * after) // layers, dense)
+        self._utio_mid_metadata_s += time.perf_counter() - t0
 
     def _utio_policy_of_level(self, level: int) -> AttentionPolicy:
         cfg = self.utio_cfg
@@ -412,8 +437,9 @@ class UtioRunnerMixin:
         stats.kv_tokens_read += self._utio_kv_read[0]
         stats.kv_tokens_dense += self._utio_kv_read[1]
         stats.routing_s += self._utio_route_s
-        stats.metadata_s += result.metadata_s
-        stats.forward_s += forward_s - result.metadata_s
+        metadata_s = result.metadata_s + self._utio_mid_metadata_s
+        stats.metadata_s += metadata_s
+        stats.forward_s += forward_s - metadata_s
         self._utio_log.maybe_log(stats)
 
     # --- signals (after the step, before sampling) ----------------------------------
