@@ -110,6 +110,10 @@ class UtioRunnerMixin:
         self._utio_probe = (
             load_checked_probe(cfg, hidden_size, num_layers) if cfg.router == "probe" else None
         )
+        # bucket policies a mid-forward router must apply once it has decided
+        self._utio_mid_sparse = cfg.attention_all is None and any(
+            b.attention.policy != "dense" for b in cfg.buckets
+        )
         logger.info(
             "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
             num_layers,
@@ -276,15 +280,15 @@ class UtioRunnerMixin:
 
         plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
         if self._utio_probe is not None:
-            plan.route_layer = self._utio_probe.layer
+            plan.route_layer, plan.route_mid = self._utio_probe.layer, self._utio_route_mid
+            if self._utio_mid_sparse:
 
-            def route_mid(stream: torch.Tensor) -> np.ndarray:
-                routed = self._utio_route_mid(stream)
-                if self.utio_cfg.attention_all is None:
+                def route_mid(stream: torch.Tensor) -> np.ndarray:
+                    routed = self._utio_route_mid(stream)
                     self._utio_sparse_after_routing(cm, routed, qsl, plan, source)
-                return routed
+                    return routed
 
-            plan.route_mid = route_mid
+                plan.route_mid = route_mid
         return plan
 
     def _utio_sparse_after_routing(
