@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import make_llm, shutdown
 from prompts import PROMPTS
-from test_engine_foundation import greedy
+from test_engine_foundation import MAX_TOKENS, greedy
 
 pytestmark = pytest.mark.engine
 
@@ -19,12 +19,13 @@ SURROGATE = {
         {"name": "mid", "max_score": 0.2, "keep_first": 15, "keep_last": 12},
     ],
 }
+DETERMINISM_PROMPTS = 6
 
 
 @pytest.fixture(scope="module")
 def surrogate_llm():
-    # Without prefix caching a repeated run schedules exactly the same batches; with it the
-    # second run prefills less, batch shapes differ, and bf16 numerics may differ slightly.
+    # Without prefix caching a repeated single-request run prefills the same tokens; with it
+    # the second run would prefill less, so its batch shapes and bf16 numerics would differ.
     llm = make_llm(SURROGATE, enable_prefix_caching=False)
     yield llm
     shutdown(llm)
@@ -35,24 +36,35 @@ def _signal_state(wrapper) -> dict:
     return {"live": len(runner._utio_signals), "requests": len(runner.requests)}
 
 
-def test_surrogate_routing_is_real_and_deterministic(surrogate_llm):
-    first = greedy(surrogate_llm)
-    s1 = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
-    second = greedy(surrogate_llm)
-    s2 = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
-    print("surrogate routing:", s1["rows_per_level"], f"saved {s1['saved_fraction']:.3f}")
-    # The signal and router have no randomness (unit-tested), but two engine runs are not
-    # bit-reproducible in bf16 here: a score near a threshold can flip a row's bucket and
-    # then its tokens (seen once in three CI runs). So compare the runs in aggregate.
-    same = sum(a == b for a, b in zip(first, second, strict=True))
-    assert same >= len(first) - 3, f"only {same}/{len(first)} continuations repeated"
-    for a, b in zip(s1["rows_per_level"], s2["rows_per_level"], strict=True):
-        assert abs(a - b) <= 0.1 * max(a, b) + 5
-    assert s1["routed_steps"] > 0
-    assert s1["rows_per_level"][1] + s1["rows_per_level"][2] > 0, "nothing routed shallow"
-    assert s1["rows_per_level"][0] > 0, "everything routed shallow"
-    assert 0 < s1["saved_fraction"] < 0.5
-    assert s1["routing_s"] > 0 and s1["forward_s"] > 0
+def test_surrogate_routing_is_real(surrogate_llm):
+    tokens = greedy(surrogate_llm)
+    stats = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    print("surrogate routing:", stats["rows_per_level"], f"saved {stats['saved_fraction']:.3f}")
+    assert all(len(t) == MAX_TOKENS for t in tokens)
+    assert stats["routed_steps"] > 0
+    assert stats["rows_per_level"][1] + stats["rows_per_level"][2] > 0, "nothing routed shallow"
+    assert stats["rows_per_level"][0] > 0, "everything routed shallow"
+    assert 0 < stats["saved_fraction"] < 0.5
+    assert stats["routing_s"] > 0 and stats["forward_s"] > 0
+
+
+def test_surrogate_routing_is_deterministic(surrogate_llm):
+    # A batched run is not reproducible: the engine core starts stepping while LLM.generate
+    # is still sending requests, so which requests share a step varies with timing, and the
+    # outlier component compares a row with its step's batch mean; a score near a threshold
+    # then flips a row's bucket (4 of 23 continuations once on CI). One request at a time
+    # has the same steps every run, so there routing and tokens must repeat exactly.
+    runs = []
+    for _ in range(2):
+        run = []
+        for prompt in PROMPTS[:DETERMINISM_PROMPTS]:
+            tokens = greedy(surrogate_llm, [prompt])[0]
+            rows = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+            run.append((tokens, rows["rows_per_level"]))
+        runs.append(run)
+    assert runs[0] == runs[1]
+    shallow_rows = sum(rows[1] + rows[2] for _, rows in runs[0])
+    assert shallow_rows > 0, "no single-request run routed below full depth: determinism untested"
 
 
 def test_signal_state_released_when_requests_finish(surrogate_llm):
