@@ -92,6 +92,7 @@ def test_quick_serving_benchmark(tmp_path):
     for r in runs:
         assert r["failed"] == 0, r["errors"]
         assert r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 and r["itl_ms_p50"] > 0
+        assert r["prompt_tokens_p50"] > 0  # the server's usage count reached the results
     text = report.render(data, tmp_path / "report").read_text()
     assert "## Serving" in text and (tmp_path / "report" / "latency.png").is_file()
 
@@ -99,9 +100,13 @@ def test_quick_serving_benchmark(tmp_path):
 def test_percentiles_and_request_summary():
     from vllm_utio.benchmarking.serving import RequestResult, summarize_requests
 
-    reqs = [RequestResult(True, 0.1 * (i + 1), 1.0 + 0.1 * i, 10, [0.1] * 9) for i in range(10)]
-    reqs.append(RequestResult(False, error="HTTP 500"))
+    reqs = [
+        RequestResult(True, 0.1 * (i + 1), 1.0 + 0.1 * i, 10, [0.1] * 9, prompt_tokens=20 + i)
+        for i in range(10)
+    ]
+    reqs.append(RequestResult(False, error="HTTP 500", prompt_tokens=999))
     row = summarize_requests(reqs, wall_s=2.0, concurrency=4)
+    assert row["prompt_tokens_p50"] == 24 and row["prompt_tokens_mean"] == pytest.approx(24.5)
     assert row["failed"] == 1 and row["errors"] == ["HTTP 500"]
     assert row["output_tok_s"] == pytest.approx(50.0)
     assert row["ttft_ms_p50"] == pytest.approx(500.0)  # rank round(0.5 * 9) = 4 of 100..1000 ms

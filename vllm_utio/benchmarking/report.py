@@ -136,14 +136,17 @@ def plot_pareto(results: dict[str, Any], path: Path, batch: int | None = None) -
 
 
 def serving_table(serving: dict[str, Any]) -> list[str]:
+    # Prompt length decides how much of a step attention is; older results lack it.
     lines = [
-        "| server | concurrency | requests (failed) | output tok/s | TTFT p50/p99 ms | "
-        "TPOT p50/p99 ms | ITL p50/p99 ms |",
-        "|---|---|---|---|---|---|---|",
+        "| server | concurrency | requests (failed) | prompt tokens p50 (mean) | output tok/s | "
+        "TTFT p50/p99 ms | TPOT p50/p99 ms | ITL p50/p99 ms |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in serving["runs"]:
+        p50, mean = r.get("prompt_tokens_p50"), r.get("prompt_tokens_mean")
+        prompt = f"{_fmt(p50, '.0f')} ({_fmt(mean, '.0f')})"
         lines.append(
-            f"| {r['server']} | {r['concurrency']} | {r['requests']} ({r['failed']}) | "
+            f"| {r['server']} | {r['concurrency']} | {r['requests']} ({r['failed']}) | {prompt} | "
             f"{_fmt(r['output_tok_s'])} | {_fmt(r['ttft_ms_p50'], '.0f')}/"
             f"{_fmt(r['ttft_ms_p99'], '.0f')} | {_fmt(r['tpot_ms_p50'], '.1f')}/"
             f"{_fmt(r.get('tpot_ms_p99'), '.1f')} | {_fmt(r['itl_ms_p50'], '.1f')}/"

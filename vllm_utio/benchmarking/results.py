@@ -110,6 +110,8 @@ SCHEMA: dict[str, Any] = {
                             "itl_ms_p50",
                             "itl_ms_p99",
                         ],
+                        # optional: prompt length as the server counted it (newer runs)
+                        "properties": {"prompt_tokens_p50": _NUM, "prompt_tokens_mean": _NUM},
                     },
                 }
             },

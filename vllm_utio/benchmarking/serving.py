@@ -27,6 +27,7 @@ class RequestResult:
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)
     error: str = ""
+    prompt_tokens: int = 0  # as the server counted them (usage), so the report shows length
 
 
 async def _one_request(
@@ -45,7 +46,7 @@ async def _one_request(
     last = t0
     first: float | None = None
     itl: list[float] = []
-    tokens = 0
+    tokens = prompt_tokens = 0
     try:
         async with client.stream("POST", url, json=body) as resp:
             if resp.status_code != 200:
@@ -56,6 +57,7 @@ async def _one_request(
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     tokens = int(chunk["usage"]["completion_tokens"])
+                    prompt_tokens = int(chunk["usage"].get("prompt_tokens", 0))
                 if not chunk.get("choices") or not chunk["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()
@@ -68,7 +70,7 @@ async def _one_request(
         return RequestResult(False, error=f"{type(err).__name__}: {err}")
     if first is None:
         return RequestResult(False, error="no tokens streamed")
-    return RequestResult(True, first - t0, last - t0, tokens, itl)
+    return RequestResult(True, first - t0, last - t0, tokens, itl, prompt_tokens=prompt_tokens)
 
 
 async def run_load(
@@ -109,6 +111,7 @@ def summarize_requests(results: list[RequestResult], wall_s: float, concurrency:
     tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itl = [x for r in ok for x in r.itl_s]
     out_tokens = sum(r.output_tokens for r in ok)
+    prompt_tokens = [float(r.prompt_tokens) for r in ok if r.prompt_tokens > 0]
     ms = 1e3
     return {
         "concurrency": concurrency,
@@ -124,6 +127,8 @@ def summarize_requests(results: list[RequestResult], wall_s: float, concurrency:
         "itl_ms_p50": _scale(_pct(itl, 50), ms),
         "itl_ms_p99": _scale(_pct(itl, 99), ms),
         "ttft_ms_mean": _scale(statistics.fmean(ttft), ms) if ttft else None,
+        "prompt_tokens_p50": _pct(prompt_tokens, 50),
+        "prompt_tokens_mean": statistics.fmean(prompt_tokens) if prompt_tokens else None,
     }
 
 
