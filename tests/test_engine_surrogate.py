@@ -59,8 +59,8 @@ def test_surrogate_routing_is_deterministic(surrogate_llm):
         run = []
         for prompt in PROMPTS[:DETERMINISM_PROMPTS]:
             tokens = greedy(surrogate_llm, [prompt])[0]
-            rows = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
-            run.append((tokens, rows["rows_per_level"]))
+            stats = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+            run.append((tokens, stats["rows_per_level"]))
         runs.append(run)
     assert runs[0] == runs[1]
     shallow_rows = sum(rows[1] + rows[2] for _, rows in runs[0])
