@@ -43,10 +43,12 @@ class _Strict(BaseModel):
 class AttentionPolicy(_Strict):
     """Which cached positions a decode token attends to (block-granular over the cache)."""
 
-    policy: Literal["dense", "throttle", "vslash"] = Field(
+    policy: Literal["dense", "throttle", "vslash", "select"] = Field(
         default="dense",
         description="'dense': every cached position; 'throttle': sinks + recent window only; "
-        "'vslash': throttle's blocks + slash blocks + the most-attended ('vertical') blocks.",
+        "'vslash': throttle's blocks + slash blocks + the most-attended ('vertical') blocks; "
+        "'select': per layer, sinks + recent window + the blocks whose key summaries bound "
+        "q.k highest for that layer's own query (query-aware, Quest-style).",
     )
     sink_tokens: int = Field(
         default=128,
@@ -67,15 +69,39 @@ class AttentionPolicy(_Strict):
         description="vslash: distinct offsets o >= 0 (tokens back from the current position); "
         "the block holding position seq_len - 1 - o is kept.",
     )
+    budget_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="select: positions read per decode token and layer, sinks and recent "
+        "window included (whole blocks; never fewer than sinks + window).",
+    )
+    dense_layers: int = Field(
+        default=2,
+        ge=0,
+        description="select: the first layers read every position (their queries are too "
+        "diffuse to select by).",
+    )
+    top_p: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="select: stop adding blocks once the kept blocks hold this share of the "
+        "attention mass estimated from the bounds (capped by budget_tokens); unset: fill the "
+        "budget.",
+    )
 
     @model_validator(mode="after")
-    def _vslash_fields(self) -> AttentionPolicy:
-        if self.policy != "vslash":
-            stray = sorted({"vertical_blocks", "slash_offsets"} & self.model_fields_set)
+    def _policy_fields(self) -> AttentionPolicy:
+        own = {
+            "vslash": {"vertical_blocks", "slash_offsets"},
+            "select": {"budget_tokens", "dense_layers", "top_p"},
+        }
+        for policy, fields in own.items():
+            stray = sorted(fields & self.model_fields_set) if self.policy != policy else []
             if stray:
                 raise ValueError(
-                    f"{' and '.join(stray)} only apply to policy 'vslash', not "
-                    f"{self.policy!r}; set policy='vslash' or remove them"
+                    f"{' and '.join(stray)} only apply to policy {policy!r}, not "
+                    f"{self.policy!r}; set policy={policy!r} or remove them"
                 )
         return self
 
@@ -254,10 +280,22 @@ class UtioConfig(_Strict):
                 )
         return self
 
+    def policies(self) -> list[tuple[str, AttentionPolicy]]:
+        """Every configured attention policy and the field it sits in."""
+        out = [(f"buckets[{i}].attention", b.attention) for i, b in enumerate(self.buckets)]
+        if self.attention_all is not None:
+            out.append(("attention_all", self.attention_all))
+        return out
+
+    def first_select_layer(self) -> int | None:
+        """The first layer any 'select' policy selects in (None: no 'select' policy)."""
+        layers = [p.dense_layers for _, p in self.policies() if p.policy == "select"]
+        return min(layers) if layers else None
+
     def check_against_model(self, num_layers: int, block_size: int | None = None) -> None:
         """Checks that need the model's depth (and KV block size); raises UtioConfigError."""
         if block_size is not None:
-            self._check_attention(block_size)
+            self._check_attention(block_size, num_layers)
         self._check_vslash_estimate(num_layers)
         for i, b in enumerate(self.buckets):
             kept = b.keep_first + b.keep_last
@@ -284,16 +322,19 @@ class UtioConfig(_Strict):
                 f"{num_layers} layers; allowed: 1..{num_layers}"
             )
 
-    def _check_attention(self, block_size: int) -> None:
-        policies = [(f"buckets[{i}].attention", b.attention) for i, b in enumerate(self.buckets)]
-        if self.attention_all is not None:
-            policies.append(("attention_all", self.attention_all))
-        for where, pol in policies:
+    def _check_attention(self, block_size: int, num_layers: int) -> None:
+        for where, pol in self.policies():
             if pol.policy != "dense" and pol.sink_tokens % block_size:
                 raise UtioConfigError(
                     f"UTIO config field '{where}.sink_tokens': value {pol.sink_tokens} is not a "
                     f"multiple of the KV-cache block size {block_size}; allowed: 0, "
                     f"{block_size}, {2 * block_size}, ..."
+                )
+            if pol.policy == "select" and pol.dense_layers >= num_layers:
+                raise UtioConfigError(
+                    f"UTIO config field '{where}.dense_layers': value {pol.dense_layers} leaves "
+                    f"no layer to select in; allowed: 0..{num_layers - 1} (the model has "
+                    f"{num_layers} layers)"
                 )
 
     def _check_vslash_estimate(self, num_layers: int) -> None:

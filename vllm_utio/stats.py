@@ -28,6 +28,8 @@ class UtioStats:
     kv_tokens_dense: int = 0  # ... and what dense attention would have read
     kv_estimate_tokens: int = 0  # K positions read at one layer to rank vslash verticals
     estimate_s: float = 0.0  # the vslash vertical estimate (after the forward)
+    select_s: float = 0.0  # select policy: bounds, top-k and per-layer metadata (in forward_s)
+    summary_s: float = 0.0  # select policy: folding written keys into block summaries
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the layer loop, including KV fill

@@ -230,6 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="one ~600-token context, batch 2, 8 new tokens"
     )
     parser.add_argument("-o", "--out", type=Path, default=Path("results/long_context.json"))
+    lp.add_block_size_argument(parser)
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -336,6 +337,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
         "engine_mode": p["mode"],
         "kv_cache_bytes": p["kv_bytes"],
         "attention_timing": timing,
+        "block_size": args.block_size,
     }
     configs = [{**c.__dict__, "levels": None} for c in p["cases"]]
     results = new_results(settings, configs)
@@ -356,6 +358,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
             args.eager,
             timing=timing,
             utio=p["engines"][key],
+            block_size=args.block_size,
         )
         return LLM(model, **kw)
 

@@ -33,7 +33,22 @@ from typing import Any
 POLICIES: dict[str, dict[str, Any]] = {
     "throttle": {"policy": "throttle", "sink_tokens": 128, "recent_tokens": 512},
     "vslash": {"policy": "vslash", "sink_tokens": 128, "recent_tokens": 512},
+    # query-aware: sinks + window + the best blocks per layer, up to the budget (use 32-token
+    # KV blocks, --block-size 32: at 128 the per-block bounds are too loose to find facts)
+    "select512": {
+        "policy": "select",
+        "sink_tokens": 64,
+        "recent_tokens": 256,
+        "budget_tokens": 512,
+    },
+    "select1024": {
+        "policy": "select",
+        "sink_tokens": 64,
+        "recent_tokens": 256,
+        "budget_tokens": 1024,
+    },
 }
+DEFAULT_BLOCK_SIZE = 32  # the long-context tools' KV block size (vLLM's CPU default: 128)
 ROUTED = ("throttle",)  # policies also measured under importance routing
 # Surrogate scores of decode tokens on 1k-token Wikipedia prompts (8 x 127 tokens,
 # measured once): 39% below 0.10, 72% below 0.15, 85% below 0.20; 0.12 sends about half
@@ -180,12 +195,14 @@ def engine_kwargs(
     forcing: bool = False,
     timing: bool = False,
     utio: dict[str, Any] | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments shared by the long-context tools."""
     from vllm_utio.integration.attention_timer import EXTENSION
 
     kw: dict[str, Any] = {
         "dtype": "bfloat16",
+        "block_size": block_size,  # every engine of a run, vanilla too: same kernel layout
         "max_model_len": max_len,
         "max_num_seqs": max(max_batch, 2),
         # chunked prefill: 32 x 8k prompt tokens need not be one activation batch
@@ -224,3 +241,13 @@ def shutdown(llm: Any) -> None:
     from vllm_utio.benchmarking.offline import _shutdown
 
     _shutdown(llm)
+
+
+def add_block_size_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help="KV-cache block size of every engine (a multiple of 32 on CPU; 'select' needs "
+        "fine blocks to find facts)",
+    )

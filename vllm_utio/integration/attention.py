@@ -57,6 +57,7 @@ class SubBatch:
     num_tokens: int
     attn_metadata: dict[str, Any]
     slot_mapping: dict[str, torch.Tensor]
+    common: Any = None  # the CommonAttentionMetadata its attn_metadata was built from
 
     @property
     def contiguous(self) -> bool:
@@ -127,11 +128,17 @@ def build_sub_batch(
     sel = token_selector(rows, qsl_cpu)
     tokens = sel if isinstance(sel, slice) else torch.as_tensor(sel, dtype=torch.long)
     sub_cm = subset_common_metadata(cm, rows, tokens)
+    attn_metadata = build_metadata(sub_cm, attn_groups)
+    slot_mapping = {name: sm[tokens] for name, sm in step_slot_mapping.items()}
+    return SubBatch(rows, tokens, sub_cm.num_actual_tokens, attn_metadata, slot_mapping, sub_cm)
+
+
+def build_metadata(cm: Any, attn_groups: list[list[Any]]) -> dict[str, Any]:
+    """Layer name -> backend metadata of ``cm``, from each attention group's builder."""
     attn_metadata: dict[str, Any] = {}
     for groups in attn_groups:
         for group in groups:
-            md = group.build_metadata(sub_cm)
+            md = group.build_metadata(cm)
             for name in group.layer_names:
                 attn_metadata[name] = md
-    slot_mapping = {name: sm[tokens] for name, sm in step_slot_mapping.items()}
-    return SubBatch(rows, tokens, sub_cm.num_actual_tokens, attn_metadata, slot_mapping)
+    return attn_metadata

@@ -33,10 +33,17 @@ from vllm_utio.attention_policy import (
 from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
 from vllm_utio.corrections import Correction, load_correction
 from vllm_utio.executor import DepthExecutor, StepPlan
-from vllm_utio.integration.attention import StepMetadataRecorder, SubBatch, build_sub_batch
+from vllm_utio.integration.attention import (
+    StepMetadataRecorder,
+    SubBatch,
+    build_metadata,
+    build_sub_batch,
+)
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
+from vllm_utio.integration.select_attention import QueryAwareSelector
 from vllm_utio.log import get_logger
 from vllm_utio.plans import PlanSet
+from vllm_utio.request_controls import pinned_bucket, wants_dense
 from vllm_utio.routing import signals
 from vllm_utio.routing.bucketing import (
     deepest_first_order,
@@ -45,7 +52,7 @@ from vllm_utio.routing.bucketing import (
     tokens_per_level,
 )
 from vllm_utio.routing.probe import load_checked_probe
-from vllm_utio.routing.routers import RoutingBatch, make_router
+from vllm_utio.routing.routers import RoutingBatch, levels_by_name, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
 
 logger = get_logger(__name__)
@@ -80,6 +87,7 @@ class UtioRunnerMixin:
         self._utio_ranked: dict[str, np.ndarray] = {}
         self._utio_estimate: VerticalEstimate | None = None
         self._utio_estimate_warned = False
+        self._utio_selector: QueryAwareSelector | None = None  # policy 'select'
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -107,6 +115,7 @@ class UtioRunnerMixin:
         )
         self._utio_num_kv_heads = stack.num_kv_heads()
         self._utio_router = make_router(cfg)
+        self._utio_pin_levels = levels_by_name(cfg)
         self._utio_probe = (
             load_checked_probe(cfg, hidden_size, num_layers) if cfg.router == "probe" else None
         )
@@ -126,6 +135,7 @@ class UtioRunnerMixin:
     def _utio_route_mid(self, stream: torch.Tensor) -> np.ndarray:
         """Levels from the probe on each row's last token (mid-forward)."""
         desired = self._utio_probe.levels(stream, [b.max_score for b in self.utio_cfg.buckets])
+        desired = self._utio_pin(desired)
         routable, tokens = self._utio_routable
         return finalize_levels(desired, routable, tokens, self.utio_plans, self.utio_cfg)
 
@@ -145,6 +155,12 @@ class UtioRunnerMixin:
                 f"model has {len(self.kv_cache_config.kv_cache_groups)}"
             )
         self._utio_recorder.install(self.attn_groups)
+        first = self.utio_cfg.first_select_layer()
+        if first is not None and self._utio_executor is not None:
+            self._utio_selector = QueryAwareSelector(
+                self._utio_executor.stack, self.cache_config.block_size, lambda: self.utio_stats
+            )
+            self._utio_selector.install(first)
 
     def _utio_execution(self) -> str:
         mode = self.utio_cfg.execution
@@ -188,8 +204,18 @@ class UtioRunnerMixin:
         self._utio_routable = (routable, tokens)
         if cfg.router == "probe":
             return np.zeros(n, dtype=np.int64)  # decided mid-forward
-        desired = self._utio_router.route(RoutingBatch(req_ids, scores, extra))
+        desired = self._utio_pin(self._utio_router.route(RoutingBatch(req_ids, scores, extra)))
         return finalize_levels(desired, routable, tokens, self.utio_plans, cfg)
+
+    def _utio_pin(self, desired: np.ndarray) -> np.ndarray:
+        """Requests that pin a bucket (``utio_bucket``) get it, whatever the router says."""
+        level_of = self._utio_pin_levels
+        for row, req_id in enumerate(self.input_batch.req_ids[: len(desired)]):
+            params = self.requests[req_id].sampling_params
+            name = pinned_bucket(params.extra_args if params is not None else None)
+            if name in level_of:
+                desired[row] = level_of[name]
+        return desired
 
     def _utio_scores(self, req_ids: list[str]) -> np.ndarray:
         """Surrogate score per request from its previous step (NaN: none yet)."""
@@ -268,15 +294,20 @@ class UtioRunnerMixin:
                 int(qsl[-1]),
                 ctx.attn_metadata,
                 step_slots,
+                cm,
             )
+        selector = self._utio_selector
 
         def use_sub_batch(sub: SubBatch):
-            if sub.attn_metadata is ctx.attn_metadata:  # the step's own metadata
-                return contextlib.nullcontext()
-            swapped = dataclasses.replace(
-                ctx, attn_metadata=sub.attn_metadata, slot_mapping=sub.slot_mapping
-            )
-            return override_forward_context(swapped)
+            stack = contextlib.ExitStack()
+            if selector is not None:  # 'select' rows of this sub-batch restrict per layer
+                stack.enter_context(selector.running(sub.rows, sub.common))
+            if sub.attn_metadata is not ctx.attn_metadata:  # else: the step's own metadata
+                swapped = dataclasses.replace(
+                    ctx, attn_metadata=sub.attn_metadata, slot_mapping=sub.slot_mapping
+                )
+                stack.enter_context(override_forward_context(swapped))
+            return stack
 
         plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
         if self._utio_probe is not None:
@@ -308,6 +339,13 @@ class UtioRunnerMixin:
             self._utio_kv_read = ((dense * (layers - after) + read * after) // layers, dense)
         self._utio_mid_metadata_s += time.perf_counter() - t0
 
+    def _utio_policy_of_row(self, row: int, level: int) -> AttentionPolicy:
+        """The row's policy: dense if its request opted out (``utio_attention``)."""
+        params = self.requests[self.input_batch.req_ids[row]].sampling_params
+        if wants_dense(params.extra_args if params is not None else None):
+            return AttentionPolicy()
+        return self._utio_policy_of_level(level)
+
     def _utio_policy_of_level(self, level: int) -> AttentionPolicy:
         cfg = self.utio_cfg
         if cfg.attention_all is not None:
@@ -317,16 +355,22 @@ class UtioRunnerMixin:
         return cfg.buckets[len(cfg.buckets) - level].attention
 
     def _utio_throttle(self, cm: Any, levels: np.ndarray, qsl: np.ndarray) -> Any | None:
-        """A CM whose sparse (throttle/vslash) decode rows read only their kept blocks, or None."""
+        """A CM whose sparse (throttle/vslash) decode rows read only their kept blocks, or
+        None; 'select' rows are handed to the selector, which restricts them per layer."""
         self._utio_estimate = None
         decode = (np.diff(qsl) == 1) & ~cm.is_prefilling.numpy()[: cm.num_reqs].astype(bool)
         seq_lens = cm.seq_lens_cpu_upper_bound.numpy()[: cm.num_reqs]
         dense_read = int(seq_lens[decode].sum())
         policies: dict[int, AttentionPolicy] = {}
+        selected: dict[int, AttentionPolicy] = {}
         for row in np.flatnonzero(decode).tolist():
-            policy = self._utio_policy_of_level(int(levels[row]))
-            if policy.policy != "dense":
+            policy = self._utio_policy_of_row(row, int(levels[row]))
+            if policy.policy == "select":
+                selected[row] = policy
+            elif policy.policy != "dense":
                 policies[row] = policy
+        if self._utio_selector is not None:
+            self._utio_selector.begin_step(selected, lambda c: build_metadata(c, self.attn_groups))
         if not policies:
             self._utio_kv_read = (dense_read, dense_read)
             return None
@@ -438,7 +482,10 @@ class UtioRunnerMixin:
         stats.record_step(
             rows, per_level, self.utio_plans.layer_tokens(per_level), result.kv_fill_layer_tokens
         )
-        stats.kv_tokens_read += self._utio_kv_read[0]
+        read = self._utio_kv_read[0]
+        if self._utio_selector is not None:  # layer-weighted, like the mid-forward case
+            read -= self._utio_selector.take_saved_tokens() // self._utio_executor.stack.num_layers
+        stats.kv_tokens_read += read
         stats.kv_tokens_dense += self._utio_kv_read[1]
         stats.routing_s += self._utio_route_s
         metadata_s = result.metadata_s + self._utio_mid_metadata_s
@@ -481,6 +528,8 @@ class UtioRunnerMixin:
     # --- RPC-facing ----------------------------------------------------------------
     def utio_stats_dict(self, reset: bool = False) -> dict[str, Any]:
         out = self.utio_stats.as_dict()
+        summaries = self._utio_selector.summaries if self._utio_selector else None
+        out["summary_bytes"] = summaries.nbytes if summaries is not None else 0  # a gauge
         out["runner_class"] = type(self).__name__
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)

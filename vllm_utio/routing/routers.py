@@ -15,10 +15,10 @@ import numpy as np
 
 from vllm_utio.config import UtioConfig
 from vllm_utio.log import get_logger
+from vllm_utio.request_controls import BUCKET_KEY, FULL_DEPTH
 from vllm_utio.routing.bucketing import levels_from_scores
 
 logger = get_logger(__name__)
-FORCED_KEY = "utio_bucket"
 
 
 @dataclass
@@ -52,15 +52,13 @@ class ForcedRouter:
     """
 
     def __init__(self, cfg: UtioConfig) -> None:
-        n = len(cfg.buckets)
-        self.level_of = {b.name: n - i for i, b in enumerate(cfg.buckets)}
-        self.level_of["full"] = 0
+        self.level_of = levels_by_name(cfg)
         self._warned: set[str] = set()
 
     def route(self, batch: RoutingBatch) -> np.ndarray:
         levels = np.zeros(len(batch.req_ids), dtype=np.int64)
         for row, extra in enumerate(batch.extra_args):
-            name = (extra or {}).get(FORCED_KEY)
+            name = (extra or {}).get(BUCKET_KEY)
             if name is None:
                 continue
             level = self.level_of.get(str(name))
@@ -75,6 +73,12 @@ class ForcedRouter:
                 continue
             levels[row] = level
         return levels
+
+
+def levels_by_name(cfg: UtioConfig) -> dict[str, int]:
+    """Level of each bucket name a request may pin ("full": 0, the shallowest: highest)."""
+    n = len(cfg.buckets)
+    return {FULL_DEPTH: 0, **{b.name: n - i for i, b in enumerate(cfg.buckets)}}
 
 
 def make_router(cfg: UtioConfig) -> Router:

@@ -1,0 +1,220 @@
+"""Policy 'select' (query-aware KV block selection) through the real engine.
+
+One engine (module-scoped): 32-token KV blocks, a small KV cache so blocks are recycled
+between requests, the forced router with full-depth buckets that differ only in
+attention: ``wide`` (select with a budget larger than any context here), ``narrow``
+(select: 32 sinks + 64 recent + the best blocks up to 256 positions), ``throttle``
+(the same sinks and window, nothing chosen) and ``tiny`` (select, 2 blocks of 32 only).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import NUM_LAYERS, make_llm, shutdown
+
+pytestmark = pytest.mark.engine
+
+BS = 32
+SINK, RECENT = 32, 64
+NARROW = {"policy": "select", "sink_tokens": SINK, "recent_tokens": RECENT, "budget_tokens": 256}
+BUCKETS = [
+    {"name": "narrow", "max_score": 0.2, "keep_first": NUM_LAYERS, "attention": NARROW},
+    {
+        "name": "throttle",
+        "max_score": 0.4,
+        "keep_first": NUM_LAYERS,
+        "attention": {"policy": "throttle", "sink_tokens": SINK, "recent_tokens": RECENT},
+    },
+    {
+        "name": "tiny",
+        "max_score": 0.5,
+        "keep_first": NUM_LAYERS,
+        "attention": {**NARROW, "recent_tokens": 32, "budget_tokens": 64},
+    },
+    {
+        "name": "wide",
+        "max_score": 0.8,
+        "keep_first": NUM_LAYERS,
+        "attention": {"policy": "select", "sink_tokens": SINK, "budget_tokens": 4096},
+    },
+]
+MAX_TOKENS = 24
+PROMPT_TOKENS = 760  # room for MAX_TOKENS under max_model_len 1024
+# ~1.5k tokens of cache: a few long requests cycle through every block
+KV_BYTES = 36 << 20
+
+
+@pytest.fixture(scope="module")
+def prompts(select_llm) -> list[list[int]]:
+    """Two natural-text prompts (predictable text would not show a cut context)."""
+    from vllm_utio.assets.data import load_wiki_documents
+
+    tok = select_llm.get_tokenizer()
+    docs = [d["text"] for d in load_wiki_documents() if len(d["text"]) > 6000][:2]
+    return [
+        tok.encode(d)[:n] for d, n in zip(docs, (PROMPT_TOKENS, PROMPT_TOKENS // 2), strict=True)
+    ]
+
+
+def _tokens(ids: list[int], salt: str | None = None) -> dict:
+    # a salt keeps a run from reusing another run's prompt blocks: a prefix-cache hit
+    # recomputes only the last block, in another batch shape (bf16 rounding differs)
+    return {"prompt_token_ids": ids, **({"cache_salt": salt} if salt else {})}
+
+
+@pytest.fixture(scope="module")
+def select_llm():
+    llm = make_llm(
+        {"enabled": True, "router": "forced", "buckets": BUCKETS},
+        block_size=BS,
+        kv_cache_memory_bytes=KV_BYTES,
+        max_num_seqs=8,
+    )
+    yield llm
+    shutdown(llm)
+
+
+def _greedy(llm, prompts, extra, max_tokens=MAX_TOKENS, salt=None) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=e)
+        for e in extra
+    ]
+    prompts = [_tokens(p, salt) if isinstance(p, list) else p for p in prompts]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _stats(llm) -> dict:
+    return llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+
+
+def test_select_budget_covering_the_context_is_dense(select_llm, prompts):
+    _stats(select_llm)
+    dense = _greedy(select_llm, prompts, [None, None], salt="dense")
+    wide = _greedy(select_llm, prompts, [{"utio_bucket": "wide"}] * 2, salt="wide")
+    stats = _stats(select_llm)
+    assert wide == dense
+    assert stats["kv_tokens_read"] == stats["kv_tokens_dense"] > 0
+    assert stats["select_s"] > 0 and stats["summary_bytes"] > 0
+
+
+def test_small_budget_reads_less_and_changes_outputs(select_llm, prompts):
+    dense = _greedy(select_llm, prompts, [None, None])
+    reads = {}
+    for name in ("narrow", "tiny"):
+        _stats(select_llm)
+        out = _greedy(select_llm, prompts, [{"utio_bucket": name}] * 2)
+        reads[name] = out, _stats(select_llm)
+    prompt_lens = [len(p) for p in prompts]
+    for name, budget in (("narrow", 256), ("tiny", 64)):
+        out, stats = reads[name]
+        # per decode token: 2 dense layers, then 28 layers reading `budget` positions
+        want = sum(
+            (2 * (p + i) + 28 * min(p + i, budget)) / 30
+            for p in prompt_lens
+            for i in range(1, MAX_TOKENS)
+        )
+        assert stats["kv_tokens_dense"] == sum(
+            p + i for p in prompt_lens for i in range(1, MAX_TOKENS)
+        )
+        assert abs(stats["kv_tokens_read"] - want) <= BS * len(prompts) * MAX_TOKENS, name
+    assert reads["tiny"][0] != dense, "two 32-token blocks of a 760-token context"
+
+
+def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, prompts):
+    prompts = [prompts[0], prompts[0]]
+    dense = _greedy(select_llm, prompts[:1], [None], salt="opt-dense")[0]
+    tiny = _greedy(select_llm, prompts[:1], [{"utio_bucket": "tiny"}], salt="opt-tiny")[0]
+    mixed = _greedy(
+        select_llm,
+        prompts,
+        [{"utio_bucket": "tiny", "utio_attention": "dense"}, {"utio_bucket": "tiny"}],
+        salt="opt-mixed",
+    )
+    assert tiny != dense
+    assert mixed[0] == dense
+    assert mixed[1] == tiny
+
+
+def _summaries_vs_cache(wrapper, req_ids: list[str]) -> dict:
+    """For each live request's blocks: summaries vs min/max recomputed from the cache."""
+    runner = getattr(wrapper, "worker", wrapper).model_runner
+    sel = runner._utio_selector
+    stack = runner._utio_executor.stack
+    bs = runner.cache_config.block_size
+    checked = mismatched = 0
+    for rid in req_ids:
+        (key,) = [k for k in runner.requests if k == rid or k.startswith(rid + "-")]
+        state = runner.requests[key]
+        # every token but the last sampled one has its K/V in the cache
+        cached = len(state.prompt_token_ids) + len(state.output_token_ids) - 1
+        blocks = torch.tensor(list(state.block_ids[0])[: -(-cached // bs)])
+        for layer in range(stack.num_layers):
+            keys = stack.read_keys(layer, blocks).float()  # [NB, bs, G, D]
+            valid = torch.arange(len(blocks) * bs).reshape(-1, bs) < cached
+            lo = keys.masked_fill(~valid[..., None, None], float("inf")).amin(1)
+            hi = keys.masked_fill(~valid[..., None, None], float("-inf")).amax(1)
+            ok = torch.equal(sel.summaries.kmin[layer][blocks].float(), lo) and torch.equal(
+                sel.summaries.kmax[layer][blocks].float(), hi
+            )
+            checked += 1
+            mismatched += int(not ok)
+    return {"checked": checked, "mismatched": mismatched}
+
+
+def test_summaries_equal_the_cache_after_recycling_and_prefix_hits(select_llm, prompts):
+    from vllm import SamplingParams
+
+    engine = select_llm.llm_engine
+    # earlier requests (other tests, and these) have cycled through the small cache
+    filler = [[100 + k, *prompts[0][k * 40 :]] for k in range(4)]
+    _greedy(select_llm, filler, [{"utio_bucket": "narrow"}] * 4, max_tokens=8)
+    shared = prompts[0][:400]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=40, ignore_eos=True, extra_args={"utio_bucket": "narrow"}
+    )
+    engine.add_request("sum-a", {"prompt_token_ids": [*shared, 11, 12, 13]}, params)
+    engine.add_request("sum-b", {"prompt_token_ids": [*shared, 21, 22]}, params)
+    cached_b, done = None, False
+    for _ in range(200):
+        for out in engine.step():
+            if out.request_id == "sum-b":
+                cached_b = out.num_cached_tokens
+                done = len(out.outputs[0].token_ids) >= 20
+        if cached_b is not None and done:
+            break
+    result = select_llm.collective_rpc(_summaries_vs_cache, args=(["sum-a", "sum-b"],))[0]
+    engine.abort_request(["sum-a", "sum-b"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert cached_b is not None and cached_b >= 384, "sum-b should reuse sum-a's prompt blocks"
+    assert result["checked"] == 2 * NUM_LAYERS
+    assert result["mismatched"] == 0
+
+
+NEEDLE_FACT = "Remember this: the secret code of the blue door is 7421."
+NEEDLE_QUESTION = "What is the secret code of the blue door? Answer with the number only."
+
+
+def test_needle_far_back_is_found_by_select_and_lost_by_throttle(select_llm):
+    tok = select_llm.get_tokenizer()
+    filler = " ".join(
+        f"The market of town {i} sells {i * 3 % 11} kinds of bread." for i in range(55)
+    )
+    content = f"{filler[:400]} {NEEDLE_FACT} {filler[400:]}\n\n{NEEDLE_QUESTION}"
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    prompt += "The secret code of the blue door is"
+    assert len(tok.encode(prompt)) > 700
+    answers = {}
+    for name in (None, "narrow", "throttle"):
+        extra = {"utio_bucket": name} if name else None
+        out = _greedy(select_llm, [prompt], [extra], max_tokens=6)[0]
+        answers[name or "dense"] = tok.decode(out)
+    assert "7421" in answers["dense"], answers
+    assert "7421" in answers["narrow"], answers
+    assert "7421" not in answers["throttle"], answers

@@ -1,0 +1,141 @@
+"""The query-aware selection spec (vllm_utio.kv_selection): pure torch, no engine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_utio.attention_policy import apply_selections
+from vllm_utio.kv_selection import (
+    BlockSummaries,
+    SelectRule,
+    always_kept,
+    block_bound,
+    restrict_rows,
+    select_blocks,
+)
+
+
+def _reference_summaries(keys: torch.Tensor, written: torch.Tensor, block_size: int):
+    """min/max over the written slots of each block (blocks without writes: +-inf)."""
+    num_blocks = keys.shape[0] // block_size
+    kmin = torch.full((num_blocks, *keys.shape[1:]), float("inf"))
+    kmax = torch.full((num_blocks, *keys.shape[1:]), float("-inf"))
+    for slot in written.tolist():
+        b = slot // block_size
+        kmin[b] = torch.minimum(kmin[b], keys[slot])
+        kmax[b] = torch.maximum(kmax[b], keys[slot])
+    return kmin, kmax
+
+
+def test_summaries_fold_prefill_decode_and_recycling_exactly():
+    torch.manual_seed(0)
+    bs, nb, heads, dim = 4, 6, 2, 8
+    s = BlockSummaries(2, nb, bs, heads, dim, torch.bfloat16)
+    cache = torch.zeros(nb * bs, heads, dim, dtype=torch.bfloat16)
+    # prefill of a 10-token request in blocks 3, 1, 5 (slots in block-table order)
+    table = [3, 1, 5]
+    slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(10)])
+    keys = torch.randn(10, heads, dim).to(torch.bfloat16)
+    s.fold(1, keys, slots)
+    cache[slots] = keys
+    # two decode steps, one token each, with a padding slot (-1) that is not written
+    for pos in (10, 11):
+        slot = torch.tensor([table[pos // bs] * bs + pos % bs, -1])
+        k = torch.randn(2, heads, dim).to(torch.bfloat16)
+        s.fold(1, k, slot)
+        cache[slot[:1]] = k[:1]
+    written = torch.tensor([table[p // bs] * bs + p % bs for p in range(12)])
+    kmin, kmax = _reference_summaries(cache.float(), written, bs)
+    assert torch.equal(s.kmin[1].float()[table], kmin[table])
+    assert torch.equal(s.kmax[1].float()[table], kmax[table])
+    assert torch.isinf(s.kmin[0]).all()  # the other layer is untouched
+    # block 1 is recycled by a new request: its first slot is rewritten, old keys forgotten
+    k = torch.randn(2, heads, dim).to(torch.bfloat16)
+    s.fold(1, k, torch.tensor([4, 5]))
+    assert torch.equal(s.kmin[1][1], torch.minimum(k[0], k[1]))
+    assert torch.equal(s.kmax[1][1], torch.maximum(k[0], k[1]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_bound_is_an_upper_bound_of_every_key(seed: int):
+    torch.manual_seed(seed)
+    rows, nb, bs, kv_heads, group, dim = 3, 7, 8, 3, 3, 16
+    keys = torch.randn(rows, nb, bs, kv_heads, dim) * (1 + seed)
+    query = torch.randn(rows, kv_heads * group, dim)
+    bound = block_bound(query, keys.amin(2), keys.amax(2), kv_heads)
+    # true max q.k per block over its keys and all query heads (head h reads KV head h//G)
+    q = query.reshape(rows, 1, 1, kv_heads, group, dim)
+    true = (q * keys.unsqueeze(4)).sum(-1).amax(dim=(2, 3, 4))
+    assert bound.shape == (rows, nb)
+    assert (bound >= true - 1e-4).all()
+    # and it is tight for a block of one key
+    one = block_bound(query, keys[:, :, 0], keys[:, :, 0], kv_heads)
+    exact = (query.reshape(rows, 1, kv_heads, group, dim) * keys[:, :, 0].unsqueeze(3)).sum(-1)
+    assert torch.allclose(one, exact.amax(dim=(2, 3)), atol=1e-4)
+
+
+def test_always_kept_sinks_and_recent_with_partial_last_block():
+    bs = 32
+    rule = SelectRule(sink_blocks=2, recent_tokens=64, budget_tokens=256)
+    lens = torch.tensor([320, 321, 70])  # full last block; 1-token last block; short
+    mask = always_kept(lens, bs, rule)
+    assert mask[0].nonzero().flatten().tolist() == [0, 1, 8, 9]
+    # 1 token in block 10: the last 64 positions span blocks 8, 9, 10
+    assert mask[1].nonzero().flatten().tolist() == [0, 1, 8, 9, 10]
+    assert mask[2].nonzero().flatten().tolist() == [0, 1, 2]
+
+
+def test_select_fills_the_budget_with_the_highest_bounds():
+    bs = 32
+    rule = SelectRule(sink_blocks=1, recent_tokens=32, budget_tokens=5 * bs)
+    lens = torch.tensor([10 * bs, 6 * bs + 5, 2 * bs])
+    bound = torch.tensor(
+        [
+            [9.0, 1, 7, 3, 8, 0, 6, 2, 5, 9],
+            [0.0, 5, 1, 4, 3, 2, 9, -1, -1, -1],  # padding past 7 blocks is ignored
+            [0.0, 0, -1, -1, -1, -1, -1, -1, -1, -1],
+        ]
+    )
+    kept = select_blocks(bound, lens, bs, rule)
+    assert kept[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 9]  # sink, top 3, last
+    # 5 tokens in block 6: the last 32 positions span blocks 5 and 6
+    assert kept[1].nonzero().flatten().tolist() == [0, 1, 3, 5, 6]
+    assert kept[2].nonzero().flatten().tolist() == [0, 1]
+    assert int(kept.sum(1).max()) <= 5
+    # a budget below sinks + window still keeps them
+    tiny = select_blocks(bound, lens, bs, SelectRule(1, 32, 1))
+    assert tiny[0].nonzero().flatten().tolist() == [0, 9]
+
+
+def test_top_p_stops_early_but_never_beyond_the_budget():
+    bs = 32
+    lens = torch.tensor([8 * bs])
+    bound = torch.tensor([[0.0, 50, 0, 0, 0, 0, 0, 0]])  # block 1 holds nearly all the mass
+    full = SelectRule(1, 32, 6 * bs, top_p=None, scale=1.0)
+    assert select_blocks(bound, lens, bs, full)[0].sum() == 6
+    sharp = SelectRule(1, 32, 6 * bs, top_p=0.9, scale=1.0)
+    assert select_blocks(bound, lens, bs, sharp)[0].nonzero().flatten().tolist() == [0, 1, 7]
+    flat = SelectRule(1, 32, 4 * bs, top_p=0.99, scale=1.0)
+    assert select_blocks(torch.zeros(1, 8), lens, bs, flat)[0].sum() == 4
+
+
+def test_restrict_rows_matches_the_per_row_reference():
+    rng = np.random.default_rng(0)
+    bs, rows, width = 32, 5, 12
+    table = torch.from_numpy(rng.permutation(100)[: rows * width].reshape(rows, width))
+    lens = torch.tensor([12 * bs, 11 * bs + 3, 5 * bs + 31, 1, 7 * bs])
+    kept = torch.zeros(rows, width, dtype=torch.bool)
+    selections = {}
+    for r in range(rows):
+        n = -(-int(lens[r]) // bs)
+        idx = sorted({0, n - 1, *rng.choice(n, size=min(n, 3), replace=False).tolist()})
+        kept[r, idx] = True
+        last = int(lens[r]) - bs * (n - 1)
+        selections[r] = (idx, bs * (len(idx) - 1) + last)
+    got_table, got_lens = restrict_rows(table, lens, kept, bs)
+    want_table, want_lens, _, _ = apply_selections(table.numpy(), lens.numpy(), selections)
+    assert got_lens.tolist() == want_lens.tolist()
+    for r, (idx, _) in selections.items():
+        assert got_table[r, : len(idx)].tolist() == want_table[r, : len(idx)].tolist()
