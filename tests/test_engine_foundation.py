@@ -94,6 +94,30 @@ def test_full_depth_plan_matches_vanilla(vanilla_llm, forced_llm):
     )
 
 
+def test_bad_request_control_is_refused_before_anything_runs(forced_llm):
+    from vllm import SamplingParams
+
+    from vllm_utio.request_controls import RequestControlError
+
+    good = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    bad = SamplingParams(max_tokens=2, extra_args={"utio_bucket": "nope"})
+    before = forced_llm.collective_rpc("utio_stats")[0]["steps"]
+    # Refused at admission: neither it nor the rest of the call reaches the engine core.
+    with pytest.raises(RequestControlError, match=r"'utio_bucket'.*'nope'.*\['full', 'shallow'"):
+        forced_llm.generate([PROMPTS[0], PROMPTS[1]], [bad, good], use_tqdm=False)
+    assert not forced_llm.llm_engine.has_unfinished_requests()
+    assert forced_llm.collective_rpc("utio_stats")[0]["steps"] == before
+    # The engine still answers, and a valid pin is accepted.
+    assert len(greedy(forced_llm, PROMPTS[:1], max_tokens=2)[0]) == 2
+    assert len(greedy(forced_llm, PROMPTS[:1], [{"utio_bucket": "mid"}], max_tokens=2)[0]) == 2
+
+
+def test_utio_controls_are_not_checked_with_utio_off(vanilla_llm, forced_llm):
+    # Validation follows each engine's own config, even with a UTIO engine in the process.
+    out = greedy(vanilla_llm, PROMPTS[:1], [{"utio_bucket": "nope"}], max_tokens=2)
+    assert len(out[0]) == 2
+
+
 def test_bad_config_fails_before_engine_start():
     with pytest.raises(UtioConfigError, match=r"buckets\[0\]\.keep_first"):
         make_llm({"enabled": True, "buckets": [{**BUCKETS[0], "keep_first": 0}]})

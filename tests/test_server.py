@@ -194,6 +194,76 @@ def test_metrics_expose_worker_stats(utio_server: ServerProcess, http: requests.
     assert after["utio_stats_fetch_failures_total"] == 0
 
 
+BAD_XARGS = [
+    # (vllm_xargs, the field the error must name, the allowed values it must list)
+    ({"utio_bucket": "no_such_bucket"}, "utio_bucket", "['full', 'shallow']"),
+    ({"utio_bucket": 7}, "utio_bucket", "['full', 'shallow']"),
+    ({"utio_attention": "weird"}, "utio_attention", "['default', 'dense']"),
+    ({"utio_foo": "x"}, "utio_foo", "['utio_bucket', 'utio_attention']"),
+]
+ENDPOINTS = {
+    "/v1/chat/completions": {
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]
+    },
+    "/v1/completions": {"prompt": "The capital of France is"},
+}
+
+
+def test_vllm_xargs_utio_controls_are_validated(
+    utio_server: ServerProcess, http: requests.Session
+) -> None:
+    for path, body in ENDPOINTS.items():
+        for xargs, field, allowed in BAD_XARGS:
+            request = {
+                "model": DEFAULT_MODEL_NAME,
+                **body,
+                "max_tokens": 4,
+                "temperature": 0.0,
+                "vllm_xargs": xargs,
+            }
+            resp = http.post(f"{utio_server.base_url}{path}", json=request, timeout=HTTP_TIMEOUT)
+            assert resp.status_code == 400, (path, xargs, resp.status_code, resp.text)
+            error = resp.json()["error"]  # OpenAI-style error object
+            assert error["type"] == "BadRequestError", error
+            assert error["param"] == field, error
+            assert f"'{field}'" in error["message"], error
+            assert allowed in error["message"], error
+        # Streamed, the refusal comes like vLLM's own request errors: as the stream's
+        # first event (after the 200 headers), the same OpenAI error object.
+        resp = http.post(
+            f"{utio_server.base_url}{path}",
+            json={
+                "model": DEFAULT_MODEL_NAME,
+                **body,
+                "max_tokens": 4,
+                "stream": True,
+                "vllm_xargs": {"utio_bucket": "no_such_bucket"},
+            },
+            timeout=HTTP_TIMEOUT,
+        )
+        first = json.loads(resp.text.split("\n", 1)[0].removeprefix("data: "))
+        assert first["error"]["code"] == 400, resp.text
+        assert first["error"]["param"] == "utio_bucket", resp.text
+        assert "['full', 'shallow']" in first["error"]["message"], resp.text
+        good = {"utio_bucket": "shallow", "utio_attention": "dense"}
+        out = _post(
+            http,
+            utio_server,
+            path,
+            {
+                "model": DEFAULT_MODEL_NAME,
+                **body,
+                "max_tokens": 8,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "vllm_xargs": good,
+            },
+        )
+        choice = out["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+        assert (text or "").strip(), out
+
+
 # Keep this last among the tests using the fixture: it stops the shared server.
 def test_server_stops_cleanly(utio_server: ServerProcess) -> None:
     pid = utio_server.pid

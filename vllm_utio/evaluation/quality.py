@@ -33,8 +33,9 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from vllm_utio.config import utio_config_from_additional
+from vllm_utio.request_controls import FORCE_TOKENS_KEY
 
-FORCE_KEY = "utio_force_tokens"
+FORCE_KEY = FORCE_TOKENS_KEY  # request validation lets this ``utio_*`` key through
 FORCING_PROCESSOR = f"{__name__}:ReferenceForcing"
 # Engine settings for teacher forcing. vLLM instantiates logits processors when it builds
 # the engine (there is no public way to add one later), hence ``logits_processors``.

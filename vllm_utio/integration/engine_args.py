@@ -7,7 +7,8 @@
 - ``create_engine_config``: validates the UTIO config (clear errors before any
   process is spawned), selects the UTIO worker class, expands a calibration
   ``artifact`` (checked against the model), and checks model-dependent values once the
-  model's depth is known. With UTIO off it changes nothing.
+  model's depth is known, and installs the admission check of per-request ``utio_*``
+  controls (:mod:`.request_validation`). With UTIO off it changes nothing.
 """
 
 from __future__ import annotations
@@ -148,6 +149,11 @@ def _wrap_create_engine_config(cls: type) -> None:
                     model_config.get_hidden_size(),
                     model_config.get_num_layers(vllm_config.parallel_config),
                 )
+            # Requests enter through this process (LLM / API server): check their
+            # utio_* controls at admission, so a bad value is a ValueError / HTTP 400.
+            from vllm_utio.integration.request_validation import install_request_validation
+
+            install_request_validation()
         return vllm_config
 
     cls.create_engine_config = create_engine_config
