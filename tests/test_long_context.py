@@ -19,29 +19,11 @@ from vllm_utio.benchmarking import long_context, report, results
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.config import parse_utio_config
 from vllm_utio.evaluation import long_cli
-from vllm_utio.evaluation.long_quality import (
-    fact_sentence,
-    long_windows,
-    make_needles,
-    needle_answer,
-    pass_rate,
-)
+from vllm_utio.evaluation.long_quality import long_windows
+from vllm_utio.evaluation.retrieval import KINDS, wilson_interval
 from vllm_utio.integration import attention_timer
 
 # --------------------------------------------------------------------------- no engine
-
-
-class _Chars:
-    """A tokenizer stand-in: one token per character, a two-part chat template."""
-
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return [ord(c) for c in text]
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return "".join(chr(i) for i in ids)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
-        return f"<user>{messages[0]['content']}</user><bot>"
 
 
 def test_prompts_reuse_prefixes_across_batches_and_lengths():
@@ -64,23 +46,6 @@ def test_long_windows_force_the_tail():
     assert len(w.continuation) == 40
 
 
-def test_needles_have_exact_length_and_hold_the_fact():
-    tok = _Chars()
-    hay = tok.encode("lorem ipsum dolor sit amet " * 400)
-    needles = make_needles(tok, hay, 2000, count=3, depth=0.25, seed=1)
-    assert len({n.code for n in needles}) == 3 and len({n.subject for n in needles}) == 3
-    for n in needles:
-        text = tok.decode(n.tokens)
-        assert len(n.tokens) == 2000
-        assert text.startswith("<user>") and text.endswith(f"The secret code of the {n.subject} is")
-        assert fact_sentence(n.subject, n.code) in text
-        assert text.index(n.code) == pytest.approx(n.position + 1 + len(n.fact) - 5, abs=1)
-        assert 0.2 < n.position / 2000 < 0.3
-    assert needle_answer(" 8655.\n") == "8655" and needle_answer(" I don't know") is None
-    r = pass_rate([True, True, False, True])
-    assert r["passed"] == 3 and r["pass_rate"] == 0.75 and 0.0 <= r["ci"][0] <= r["ci"][1] <= 1.0
-
-
 def test_policy_list_is_data_and_guarded():
     ok, notes = lp.available({**lp.POLICIES, "future": {"policy": "not-yet-a-policy"}})
     assert "future" not in ok and any("'future' skipped" in n for n in notes)
@@ -98,6 +63,56 @@ def test_policy_list_is_data_and_guarded():
         assert all(b.keep_first == NUM_LAYERS and not b.skipped(NUM_LAYERS) for b in parsed.buckets)
     names = [c.name for c in lp.cases(policies, ["throttle"], 0.12)]
     assert names == ["vanilla", "utio-dense", "throttle-all", "wide-all", "throttle-routed"]
+
+
+def _quality_row(config: str, by_kind: dict[str, tuple[int, int]], vs: str) -> dict:
+    kinds = {
+        k: {"passed": p, "total": n, "rate": p / n, "ci": list(wilson_interval(p, n))}
+        for k, (p, n) in by_kind.items()
+    }
+    passed, total = sum(p for p, _ in by_kind.values()), sum(n for _, n in by_kind.values())
+    return {
+        "context": 2048,
+        "config": config,
+        "ppl": 20.0,
+        "ppl_delta": 0.01,
+        "ppl_delta_ci": [0.0, 0.02],
+        "top1_agreement": 0.99,
+        "greedy_agreement": 0.9,
+        "sparse_share": 1.0,
+        "kv_read_fraction": 0.3,
+        "retrieval_passed": passed,
+        "retrieval_total": total,
+        "retrieval_pass_rate": passed / total,
+        "retrieval_ci": list(wilson_interval(passed, total)),
+        "retrieval_by_kind": kinds,
+        "retrieval_vs_dense": vs,
+    }
+
+
+def test_retrieval_rows_in_the_table_and_the_report():
+    from vllm_utio.benchmarking import report_long
+
+    rows = [
+        _quality_row("utio-dense", {k: (10, 12) for k in KINDS}, "within"),
+        _quality_row("throttle-all", {"single": (11, 12), "multikey": (2, 12)}, "below"),
+    ]
+    table = long_cli.format_table(rows).splitlines()
+    assert "retrieval" in table[0] and all(k in table[0] for k in KINDS)
+    assert table[1].split()[-6:] == ["40/48", "10/12", "10/12", "10/12", "10/12", "within"]
+    assert table[2].split()[-6:] == ["13/24", "11/12", "2/12", "–", "–", "below"]
+    lines = report_long.quality_sections({"long_quality": {"summary": rows, "notes": []}})
+    text = "\n".join(lines)
+    assert "| 2048 | utio-dense | 20.000 |" in text and "| 40/48 (70% .. 91%) |" in text
+    assert (
+        "| context | config | single | multikey | multivalue | copy | overall | vs dense |" in text
+    )
+    assert "| 2048 | throttle-all | 11/12 (65% .. 99%) | 2/12 (5% .. 45%) | – | – |" in text
+    # results from before the retrieval kinds (needle keys) still render
+    old = {k: v for k, v in rows[0].items() if not k.startswith("retrieval")}
+    old |= {"needle_passed": 6, "needle_total": 6, "needle_ci": [1.0, 1.0]}
+    text = "\n".join(report_long.quality_sections({"long_quality": {"summary": [old]}}))
+    assert "| 6/6 (100% .. 100%) |" in text and "Retrieval by kind" not in text
 
 
 def test_attention_ms_per_decode_step():
@@ -180,11 +195,22 @@ def test_quick_eval_long_attaches_to_bench(quick_engines, bench_quick, tmp_path)
     assert rows["throttle-all"]["kv_read_fraction"] < 0.7
     assert rows["throttle-all"]["scored_tokens"] == 2 * 31  # 2 documents x (32 forced - 1)
     assert 0.0 <= rows["throttle-routed"]["sparse_share"] <= 1.0
-    assert all(r["needle_total"] == 2 for r in rows.values())
-    assert rows["vanilla"]["needle_passed"] == 2  # the fact sits in the sinks at 640 tokens
+    for r in rows.values():  # 4 retrieval cases, one of each kind
+        assert r["retrieval_total"] == 4 and list(r["retrieval_by_kind"]) == list(KINDS)
+        assert all(t["total"] == 1 for t in r["retrieval_by_kind"].values())
+        assert 0.0 <= r["retrieval_ci"][0] <= r["retrieval_pass_rate"] <= r["retrieval_ci"][1]
+        assert r["retrieval_vs_dense"] in ("within", "below")
+    cases = data["details"]["640"]["cases"]
+    # UTIO dense answers exactly like vanilla, and is its own reference
+    assert cases["utio-dense"]["retrieval"] == cases["vanilla"]["retrieval"]
+    assert rows["utio-dense"]["retrieval_vs_dense"] == "within"
+    assert {c["kind"] for c in cases["vanilla"]["retrieval"]} == set(KINDS)
+    prompts = data["details"]["640"]["retrieval"]
+    assert all(p["length"] + p["answer_tokens"] == 640 for p in prompts)
     for r in rows.values():
         assert np.isfinite(r["ppl"]) and r["documents"] == 2
     merged = results.load(bench_quick)
     assert [r["config"] for r in merged["long_quality"]["summary"]] == list(rows)
     text = report.render(merged, tmp_path / "report").read_text()
     assert "## Long-context quality" in text and "| 640 | throttle-all |" in text
+    assert "### Retrieval by kind" in text and "| context | config | single |" in text

@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "eval": ("vllm_utio.evaluation.quality_cli", "quality of a UTIO config vs the full model"),
     "eval-long": (
         "vllm_utio.evaluation.long_cli",
-        "long-context quality of sparse attention policies: perplexity, agreement, needles",
+        "long-context quality of sparse attention policies: perplexity, agreement, retrieval",
     ),
     "bench": ("vllm_utio.benchmarking.suite", "offline throughput: UTIO configs vs vanilla vLLM"),
     "bench-long": (

@@ -86,10 +86,14 @@ def measure(
     sample["attn_ms"] = attn_ms
     sample["attention_share"] = attn_ms / step if attn_ms is not None and step else None
     sample["kv_read_fraction"] = sample["sparse_share"] = None
+    sample["select_ms"] = sample["select_share"] = None
     u = sample["utio"]
     if u is not None:
         if u["kv_tokens_dense"]:
             sample["kv_read_fraction"] = u["kv_tokens_read"] / u["kv_tokens_dense"]
+        if sample["decode_steps"]:  # selection's own time per decode step, and its share
+            sample["select_ms"] = 1e3 * (u["select_s"] + u["summary_s"]) / sample["decode_steps"]
+            sample["select_share"] = sample["select_ms"] / step if step else None
         decode_rows = len(prompts) * sample["decode_steps"]
         if decode_rows:
             # every row at level >= 1 was a decode row under the bucket's sparse policy
@@ -173,7 +177,8 @@ def summarize_long(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if (s["config"], s["batch"], s["prompt_len"])
             == (row["config"], row["batch"], row["prompt_len"])
         ]
-        for key in ("attn_ms", "attention_share", "kv_read_fraction", "sparse_share"):
+        keys = ("attn_ms", "attention_share", "kv_read_fraction", "sparse_share", "select_ms")
+        for key in (*keys, "select_share"):
             row[key] = _median([s.get(key) for s in group])
     return rows
 

@@ -47,6 +47,14 @@ POLICIES: dict[str, dict[str, Any]] = {
         "recent_tokens": 256,
         "budget_tokens": 1024,
     },
+    # adaptive: stop once the kept blocks hold 90% of the estimated attention mass
+    "select1024p90": {
+        "policy": "select",
+        "sink_tokens": 64,
+        "recent_tokens": 256,
+        "budget_tokens": 1024,
+        "top_p": 0.9,
+    },
 }
 DEFAULT_BLOCK_SIZE = 32  # the long-context tools' KV block size (vLLM's CPU default: 128)
 ROUTED = ("throttle",)  # policies also measured under importance routing

@@ -32,6 +32,8 @@ UTIO_COUNTERS = (
     "kv_fill_layer_tokens",
     "kv_tokens_read",  # cached positions decode tokens attended to (sparse attention)
     "kv_tokens_dense",  # ... and what dense attention would have read
+    "select_s",  # policy 'select': bounds, top-k, per-layer metadata
+    "summary_s",  # policy 'select': folding written keys into block summaries
 )
 
 

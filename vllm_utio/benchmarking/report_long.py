@@ -91,21 +91,52 @@ def plot_speed(results: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def _passed(passed: int, total: int, ci: list[float | None]) -> str:
+    return f"{passed}/{total} ({_pct(ci[0])} .. {_pct(ci[1])})"
+
+
+def _retrieval(row: dict[str, Any]) -> str:
+    if "retrieval_passed" in row:
+        return _passed(row["retrieval_passed"], row["retrieval_total"], row["retrieval_ci"])
+    # results of eval-long before the retrieval cases: one kind of needle
+    return _passed(row["needle_passed"], row["needle_total"], row["needle_ci"])
+
+
 def quality_table(long_quality: dict[str, Any]) -> list[str]:
     lines = [
         "| context | config | ppl | ppl Δ (95% CI) | top-1 agree | greedy agree | "
-        "needles passed (95% CI) | sparse tokens | KV read |",
+        "retrieval passed (95% CI) | sparse tokens | KV read |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in long_quality["summary"]:
         lo, hi = r["ppl_delta_ci"]
-        nlo, nhi = r["needle_ci"]
         lines.append(
             f"| {r['context']} | {r['config']} | {_fmt(r['ppl'], '.3f')} | "
             f"{_pct(r['ppl_delta'], '+.1f')} ({_pct(lo, '+.1f')} .. {_pct(hi, '+.1f')}) | "
             f"{_pct(r['top1_agreement'], '.1f')} | {_pct(r['greedy_agreement'], '.1f')} | "
-            f"{r['needle_passed']}/{r['needle_total']} ({_pct(nlo)} .. {_pct(nhi)}) | "
+            f"{_retrieval(r)} | "
             f"{_pct(r.get('sparse_share'))} | {_pct(r.get('kv_read_fraction'))} |"
+        )
+    return lines
+
+
+def retrieval_table(long_quality: dict[str, Any]) -> list[str]:
+    """Retrieval passes per kind (95% Wilson CI) and the judgement vs UTIO dense; empty
+    for results without retrieval kinds."""
+    rows = [r for r in long_quality["summary"] if r.get("retrieval_by_kind")]
+    if not rows:
+        return []
+    kinds = list(dict.fromkeys(k for r in rows for k in r["retrieval_by_kind"]))
+    lines = [
+        "| context | config | " + " | ".join(kinds) + " | overall | vs dense |",
+        "|---|---|" + "---|" * (len(kinds) + 2),
+    ]
+    for r in rows:
+        cells = [r["retrieval_by_kind"].get(k) for k in kinds]
+        per_kind = [_passed(c["passed"], c["total"], c["ci"]) if c else "–" for c in cells]
+        lines.append(
+            f"| {r['context']} | {r['config']} | {' | '.join(per_kind)} | {_retrieval(r)} | "
+            f"{r.get('retrieval_vs_dense') or '–'} |"
         )
     return lines
 
@@ -126,4 +157,7 @@ def quality_sections(results: dict[str, Any]) -> list[str]:
     if not lq:
         return []
     lines = ["## Long-context quality (vs vLLM, UTIO off)", "", *quality_table(lq), ""]
+    retrieval = retrieval_table(lq)
+    if retrieval:
+        lines += ["### Retrieval by kind (vs UTIO dense)", "", *retrieval, ""]
     return lines + [f"- {n}" for n in lq.get("notes", [])] + [""]

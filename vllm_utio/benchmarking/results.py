@@ -17,7 +17,9 @@ reads) and ``sparse_share`` (share of decode tokens under a sparse policy); null
 measured (vanilla has no UTIO counters). ``long_quality`` (optional, from
 ``vllm-utio eval-long --attach``): ``settings``, ``notes`` and ``summary`` rows per
 context and config (perplexity and its delta vs vanilla with a bootstrap CI over
-documents, top-1 and greedy agreement, needle pass rate with a CI over needles).
+documents, top-1 and greedy agreement, retrieval passes overall and per kind with Wilson
+intervals and the judgement vs UTIO dense; files from before the retrieval kinds have
+needle pass rates instead).
 """
 
 from __future__ import annotations
@@ -131,7 +133,6 @@ SCHEMA: dict[str, Any] = {
                             "ppl_delta",
                             "ppl_delta_ci",
                             "greedy_agreement",
-                            "needle_pass_rate",
                         ],
                     },
                 }

@@ -7,12 +7,14 @@ every decode token, policies under importance routing), against vLLM with UTIO o
   scored token from a decode step over the whole document), top-1 agreement, bootstrap
   95% intervals over documents (:func:`vllm_utio.evaluation.quality.compare`);
 - greedy agreement: ``G`` greedy tokens from each document's prompt, vs vanilla's;
-- needles: a fact early in a long prompt, asked for at the end; pass rate (exact number)
-  with a bootstrap interval over needles.
+- retrieval: facts hidden at depths spread over long prompts, asked for at the end, four
+  kinds (single, multikey, multivalue, copy; :mod:`vllm_utio.evaluation.retrieval`); pass
+  counts per kind and overall with Wilson intervals, each policy judged against UTIO
+  dense (``retrieval_vs_dense``).
 
 A separate command from ``vllm-utio eval`` (one UTIO config vs the full model on short
 windows): this one compares several attention policies at several context lengths and
-adds the retrieval check. Engines run one at a time (vanilla, the forced engine with one
+adds the retrieval cases. Engines run one at a time (vanilla, the forced engine with one
 pinned full-depth bucket per policy, one surrogate engine per routed policy; see
 :mod:`vllm_utio.benchmarking.long_policies`). Cases on one engine share prompt K/V
 through the prefix cache (a salt per prompt): exact, because prompts are prefilled dense
@@ -33,8 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from vllm_utio.benchmarking import long_policies as lp
+from vllm_utio.evaluation.retrieval import RetrievalCase
 
-SCHEMA_ID = "vllm-utio-eval-long/1"
+SCHEMA_ID = "vllm-utio-eval-long/2"  # 2: retrieval cases of four kinds (was: needles)
+DENSE = "utio-dense"  # the retrieval reference
 
 
 # --------------------------------------------------------------------------- CLI
@@ -47,18 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         nargs="+",
         default=[4096, 8192],
-        help="tokens per document and per needle prompt (at most the model's positions)",
+        help="tokens per document and per retrieval case (at most the model's positions)",
     )
     parser.add_argument(
         "--forced-tokens", type=int, default=256, help="teacher-forced tail of each document"
     )
     parser.add_argument("--docs", type=int, default=16, help="documents per context length")
     parser.add_argument("--greedy-tokens", type=int, default=64)
-    parser.add_argument("--needles", type=int, default=10, help="needle prompts per context")
     parser.add_argument(
-        "--needle-depth", type=float, default=0.1, help="where the fact sits (share of the text)"
+        "--needles",
+        type=int,
+        default=48,
+        help="retrieval cases per context (kinds in rotation, depths spread over 0-100%%)",
     )
-    parser.add_argument("--answer-tokens", type=int, default=12, help="greedy tokens per answer")
     parser.add_argument(
         "--policy",
         nargs="+",
@@ -71,9 +76,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="requests per engine call")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    parser.add_argument("--seed", type=int, default=0, help="needle codes and bootstrap")
+    parser.add_argument("--seed", type=int, default=0, help="retrieval cases and bootstrap")
+    lp.add_block_size_argument(parser)
     parser.add_argument(
-        "--quick", action="store_true", help="one 640-token context, 2 documents, 2 needles"
+        "--quick", action="store_true", help="one 640-token context, 2 documents, 4 retrieval cases"
     )
     parser.add_argument("--json", type=Path, default=Path("results/long_quality.json"))
     parser.add_argument(
@@ -86,7 +92,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def apply_quick(args: argparse.Namespace) -> None:
     args.context_lens, args.forced_tokens, args.docs = [640], 32, 2
-    args.greedy_tokens, args.needles, args.answer_tokens = 16, 2, 8
+    args.greedy_tokens, args.needles = 16, 4
 
 
 # --------------------------------------------------------------------------- inputs
@@ -95,7 +101,7 @@ def apply_quick(args: argparse.Namespace) -> None:
 @dataclass
 class Inputs:
     windows: list[Any]  # quality.Window per document
-    needles: list[Any]  # long_quality.Needle
+    retrieval: list[RetrievalCase]
 
     def prompts(self) -> list[list[int]]:
         return [list(w.tokens[: w.prompt_len]) for w in self.windows]
@@ -103,13 +109,9 @@ class Inputs:
 
 def build_inputs(tokenizer: Any, args: argparse.Namespace) -> dict[int, Inputs]:
     from vllm_utio.assets.data import load_wiki_documents
-    from vllm_utio.evaluation.long_quality import (
-        concatenated_ids,
-        held_out_texts,
-        long_windows,
-        make_needles,
-    )
+    from vllm_utio.evaluation.long_quality import concatenated_ids, held_out_texts, long_windows
     from vllm_utio.evaluation.quality import bos_prefix
+    from vllm_utio.evaluation.retrieval import make_cases
 
     texts = held_out_texts(load_wiki_documents())
     longest = max(args.context_lens)
@@ -120,11 +122,8 @@ def build_inputs(tokenizer: Any, args: argparse.Namespace) -> dict[int, Inputs]:
         windows = long_windows(ids, ctx, args.forced_tokens, args.docs, prefix)
         if len(windows) < 2:
             raise SystemExit(f"held-out text ({len(ids)} tokens) gives < 2 documents of {ctx}")
-        # needle prompts leave room for the answer inside the context
-        needles = make_needles(
-            tokenizer, ids, ctx - args.answer_tokens, args.needles, args.needle_depth, args.seed
-        )
-        out[ctx] = Inputs(windows, needles)
+        # each case's prompt leaves room for its answer inside the context
+        out[ctx] = Inputs(windows, make_cases(tokenizer, ids, ctx, args.needles, args.seed))
     return out
 
 
@@ -202,16 +201,26 @@ def run_cases(
             )
             _timed(run, "greedy", t0)
             progress(len(prompts[rows]))
-    needle_prompts = [list(nd.tokens) for nd in inputs.needles]
-    needle_salts = [f"needle:{ctx}:{i}" for i in range(len(needle_prompts))]
+    budgets: dict[int, list[int]] = {}  # answer tokens -> cases (one engine call each)
+    for i, rc in enumerate(inputs.retrieval):
+        budgets.setdefault(rc.answer_tokens, []).append(i)
     for c in cases:
         run, t0 = runs[c.name], time.perf_counter()
-        outs = greedy_continuations(
-            llm, needle_prompts, args.answer_tokens, extra[c.name], size, needle_salts
-        )
-        run.answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outs]
-        _timed(run, "needles", t0)
-        progress(len(needle_prompts))
+        answers = [""] * len(inputs.retrieval)
+        for budget, idx in budgets.items():
+            outs = greedy_continuations(
+                llm,
+                [list(inputs.retrieval[i].tokens) for i in idx],
+                budget,
+                extra[c.name],
+                size,
+                [f"retrieval:{ctx}:{i}" for i in idx],
+            )
+            for i, o in zip(idx, outs, strict=True):
+                answers[i] = tokenizer.decode(o, skip_special_tokens=True)
+        run.answers = answers
+        _timed(run, "retrieval", t0)
+        progress(len(answers))
     return runs
 
 
@@ -225,26 +234,28 @@ def summarize_context(
     runs: dict[str, CaseRun],
     args: argparse.Namespace,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(summary rows, full reports) of one context length, every case against vanilla."""
-    from vllm_utio.evaluation.long_quality import needle_answer, pass_rate
+    """(summary rows, full reports) of one context length, every case against vanilla;
+    retrieval judged against UTIO dense (vanilla if absent)."""
+    from vllm_utio.evaluation import retrieval as rt
     from vllm_utio.evaluation.quality import EngineRun, compare
 
     ref = runs["vanilla"]
     ref_run = EngineRun(ref.forced, ref.greedy)
     decode_tokens = sum(len(w.continuation) - 1 for w in inputs.windows)
+    found = {c.name: rt.scores(inputs.retrieval, runs[c.name].answers) for c in cases}
+    ref_name = DENSE if DENSE in found else "vanilla"
     rows, details = [], {}
     for c in cases:
-        run = runs[c.name]
-        pairs = zip(run.answers, inputs.needles, strict=True)
-        passed = [needle_answer(a) == nd.code for a, nd in pairs]
-        needles = pass_rate(passed, args.bootstrap, args.seed)
+        run, got = runs[c.name], found[c.name]
         row: dict[str, Any] = {
             "context": ctx,
             "config": c.name,
-            "needle_pass_rate": needles["pass_rate"],
-            "needle_ci": needles["ci"],
-            "needle_passed": needles["passed"],
-            "needle_total": needles["total"],
+            "retrieval_passed": got["overall"]["passed"],
+            "retrieval_total": got["overall"]["total"],
+            "retrieval_pass_rate": got["overall"]["rate"],
+            "retrieval_ci": got["overall"]["ci"],
+            "retrieval_by_kind": got["by_kind"],
+            "retrieval_vs_dense": rt.judge(found[ref_name], got),
             "sparse_share": None,
             "kv_read_fraction": None,
         }
@@ -276,34 +287,55 @@ def summarize_context(
         rows.append(row)
         details[c.name] = {
             "report": report.to_dict(),
-            "answers": run.answers,
-            "needles_passed": passed,
+            "retrieval": [
+                {"kind": rc.kind, "depth": rc.depth, "expected": list(rc.expected)}
+                | {"answer": a, "passed": p}
+                for rc, a, p in zip(inputs.retrieval, run.answers, got["passed"], strict=True)
+            ],
             "seconds": run.seconds,
         }
-    needles = [
-        {"subject": nd.subject, "code": nd.code, "position": nd.position, "length": len(nd.tokens)}
-        for nd in inputs.needles
+    prompts = [
+        {
+            "kind": rc.kind,
+            "facts": list(rc.facts),
+            "depths": list(rc.depths),
+            "positions": list(rc.positions),
+            "question": rc.question,
+            "expected": list(rc.expected),
+            "length": len(rc.tokens),
+            "answer_tokens": rc.answer_tokens,
+        }
+        for rc in inputs.retrieval
     ]
-    return rows, {"cases": details, "needles": needles}
+    return rows, {"cases": details, "retrieval": prompts}
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     def pct(x: float | None, spec: str = "+.1f") -> str:
         return "–" if x is None else format(100 * x, spec) + "%"
 
+    from vllm_utio.evaluation.retrieval import KINDS
+
+    def count(t: dict[str, Any] | None) -> str:
+        return "–" if t is None else f"{t['passed']}/{t['total']}"
+
     head = (
         f"{'context':>7} {'config':<18} {'ppl':>8} {'ppl Δ (95% CI)':>26} {'top-1':>7} "
-        f"{'greedy':>7} {'needles':>9} {'sparse':>7} {'KV read':>8}"
+        f"{'greedy':>7} {'sparse':>7} {'KV read':>8} {'retrieval':>9} "
+        + " ".join(f"{k:>10}" for k in KINDS)
+        + "  vs dense"
     )
     lines = [head]
     for r in rows:
         lo, hi = r["ppl_delta_ci"]
+        overall = {"passed": r["retrieval_passed"], "total": r["retrieval_total"]}
+        kinds = " ".join(f"{count(r['retrieval_by_kind'].get(k)):>10}" for k in KINDS)
         lines.append(
             f"{r['context']:>7} {r['config']:<18} {r['ppl']:>8.3f} "
             f"{pct(r['ppl_delta']):>8} ({pct(lo)} .. {pct(hi)}) "
             f"{pct(r['top1_agreement'], '.1f'):>7} {pct(r['greedy_agreement'], '.1f'):>7} "
-            f"{r['needle_passed']:>4}/{r['needle_total']:<4} {pct(r['sparse_share'], '.0f'):>7} "
-            f"{pct(r['kv_read_fraction'], '.0f'):>8}"
+            f"{pct(r['sparse_share'], '.0f'):>7} {pct(r['kv_read_fraction'], '.0f'):>8} "
+            f"{count(overall):>9} {kinds}  {r['retrieval_vs_dense']}"
         )
     return "\n".join(lines)
 
@@ -320,10 +352,18 @@ def notes(args: argparse.Namespace, skipped: list[str]) -> list[str]:
         "the second, every one a decode step); bootstrap 95% CI over documents",
         f"greedy agreement: {args.greedy_tokens} greedy tokens from each document's prompt, "
         "share of positions equal to vanilla's",
-        f"needles: 'The secret code of the <subject> is <4 digits>.' at {args.needle_depth:.0%} "
-        "of a held-out-text haystack, question at the end in the chat template, the answer's "
-        f"opening words given; pass = first number in {args.answer_tokens} greedy tokens "
-        "equals the code; bootstrap 95% CI over needles",
+        f"retrieval: {args.needles} cases per length, kinds in rotation (single: one fact, "
+        "a 4-6 digit number, full name or word; multikey: 3-4 facts with similar keys, the "
+        "first number answered must be the asked key's; multivalue: one key with 3 numbers, "
+        "all must appear; copy: a 10-12 digit number or a code like KX-4471-QZ-9082, copied "
+        "exactly); facts between sentences at depths spread evenly over 0-100% of held-out "
+        "text (each kind over all depths; each case its own stretch, the stretches' starts "
+        "spread over the text, overlapping where it is shorter than cases x context); "
+        "question at the end in the chat template, the answer's opening words given; greedy "
+        "answer of the expected answer's tokens + 4 per value, in 4s, at least 8 (prompt + "
+        "answer = the context); 95% Wilson score intervals; vs dense: 'within' if no kind's "
+        "pass rate falls below UTIO dense's interval for it and the overall rate is at least "
+        "dense's minus 3 points, else 'below'",
         "reference: vLLM with UTIO off; '-all' cases pin every request to a full-depth "
         "bucket with the policy (= attention_all); '-routed' cases use the surrogate score; "
         "sparse = share of scored decode tokens under the sparse policy; KV read = cached "
@@ -362,7 +402,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
         else max(256 << 20, int(1.15 * args.batch_size * max_len * lp.kv_bytes_per_token(model)))
     )
     per_ctx = {
-        ctx: 2 * len(inp.windows) + len(inp.needles) for ctx, inp in inputs.items()
+        ctx: 2 * len(inp.windows) + len(inp.retrieval) for ctx, inp in inputs.items()
     }  # requests per case
     runs: dict[int, dict[str, CaseRun]] = {ctx: {} for ctx in inputs}
     with tqdm(total=len(cases) * sum(per_ctx.values()), desc="eval-long", unit="req") as bar:
@@ -375,7 +415,13 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
                 from vllm import LLM
 
                 kw = lp.engine_kwargs(
-                    max_len, args.batch_size, kv, True, forcing=True, utio=engines[key]
+                    max_len,
+                    args.batch_size,
+                    kv,
+                    True,
+                    forcing=True,
+                    utio=engines[key],
+                    block_size=args.block_size,
                 )
                 llm = LLM(model, **kw)
             try:
@@ -422,7 +468,9 @@ def attach(results_path: Path, out: dict[str, Any]) -> None:
     results = load(results_path)
     results["long_quality"] = {
         "created": out["created"],
-        "settings": {k: out["settings"][k] for k in ("context_lens", "forced_tokens", "docs")},
+        "settings": {
+            k: out["settings"][k] for k in ("context_lens", "forced_tokens", "docs", "needles")
+        },
         "summary": out["summary"],
         "notes": out["notes"],
     }

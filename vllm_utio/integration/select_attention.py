@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from vllm_utio.config import AttentionPolicy
-from vllm_utio.integration.model_stack import DecoderStack
+from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.kv_selection import (
     BlockSummaries,
     SelectRule,
@@ -70,6 +70,13 @@ class QueryAwareSelector:
         """Allocate summaries for the live KV cache and hook every layer's writes and the
         attention calls of layers >= ``first_layer``."""
         attn0 = self.stack.layers[0].self_attn.attn
+        backend = getattr(attn0, "attn_backend", None)
+        if getattr(backend, "forward_includes_kv_cache_update", False):
+            raise UnsupportedModelError(
+                f"UTIO attention policy 'select' keeps block summaries at the backend's K/V "
+                f"write; {getattr(backend, '__name__', backend)} writes K/V inside its "
+                "attention kernel. Use policy 'throttle' or 'vslash' with this backend"
+            )
         cache = attn0.kv_cache
         self.summaries = BlockSummaries(
             self.stack.num_layers,
