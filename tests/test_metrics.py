@@ -72,12 +72,22 @@ def test_formatting_from_stats_dict() -> None:
         "utio_routing_seconds_total": 0.25,
         "utio_metadata_seconds_total": 0.125,
         "utio_forward_seconds_total": 1.5,
+        "utio_kv_tokens_read_total": 0,
+        "utio_kv_tokens_dense_total": 0,
+        "utio_select_seconds_total": 0,
+        "utio_summary_seconds_total": 0,
         "utio_bucket_tokens_total[bucket=full]": 12,
         "utio_bucket_tokens_total[bucket=shallow]": 3,
         "utio_bucket_rows_total[bucket=full]": 3,
         "utio_bucket_rows_total[bucket=shallow]": 3,
         "utio_stats_fetch_failures_total": 2,
     }
+
+
+def test_summary_memory_is_a_gauge() -> None:
+    text = _render({**_stats(), "summary_bytes": 4096})
+    assert "# TYPE utio_summary_bytes gauge" in text
+    assert _samples(text)["utio_summary_bytes"] == 4096
 
 
 def test_not_fetched_yet_shows_only_failures() -> None:

@@ -51,7 +51,12 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -116,6 +121,30 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "forward_s",
         "Time in the UTIO layer loop, excluding sub-batch metadata builds.",
     ),
+    (
+        "utio_kv_tokens_read",
+        "kv_tokens_read",
+        "Cached positions decode tokens attended to (per layer on average).",
+    ),
+    (
+        "utio_kv_tokens_dense",
+        "kv_tokens_dense",
+        "Cached positions dense attention would have read for the same decode tokens.",
+    ),
+    (
+        "utio_select_seconds",
+        "select_s",
+        "Time choosing KV blocks for policy 'select': bounds, top-k, per-layer metadata.",
+    ),
+    (
+        "utio_summary_seconds",
+        "summary_s",
+        "Time folding written keys into the block key summaries (policy 'select').",
+    ),
+)
+# (metric name, stats key, help text): values that go up and down
+_GAUGES: tuple[tuple[str, str, str], ...] = (
+    ("utio_summary_bytes", "summary_bytes", "Memory of the block key summaries ('select')."),
 )
 # (metric name without "_total", per-level list key, help text); labelled by bucket name.
 _PER_LEVEL: tuple[tuple[str, str, str], ...] = (
@@ -152,6 +181,11 @@ def utio_metric_families(
         family = CounterMetricFamily(name, doc, labels=names)
         family.add_metric(values, float(stats.get(key, 0)))
         families.append(family)
+    for name, key, doc in _GAUGES:
+        if key in stats:
+            gauge = GaugeMetricFamily(name, doc, labels=names)
+            gauge.add_metric(values, float(stats[key]))
+            families.append(gauge)
     level_names = [str(n) for n in stats.get("level_names", [])]
     for name, key, doc in _PER_LEVEL:
         family = CounterMetricFamily(name, doc, labels=[*names, "bucket"])
