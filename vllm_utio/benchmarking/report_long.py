@@ -39,8 +39,9 @@ def speed_table(results: dict[str, Any]) -> list[str]:
     idx = {(r["config"], r["batch"], r["prompt_len"]): r for r in results["summary"]}
     lines = [
         "| context | batch | config | decode tok/s (min–max) | step ms | vs utio-dense | "
-        "vs vanilla | attention ms/step (share) | ceiling | KV read | sparse tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "vs vanilla | attention ms/step (share) | ceiling | KV read | sparse tokens | "
+        "selection ms/step (share) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {c["name"]: i for i, c in enumerate(results["configs"])}
     rows = sorted(
@@ -56,9 +57,17 @@ def speed_table(results: dict[str, Any]) -> list[str]:
             f"{_ratio(r, idx.get((VANILLA, *shape)))} | {_fmt(r.get('attn_ms'))} "
             f"({_pct(r.get('attention_share'))}) | {_ceiling(r.get('attention_share'))} | "
             f"{_pct(r.get('kv_read_fraction'))} | "
-            f"{_pct(r.get('sparse_share'))} |"
+            f"{_pct(r.get('sparse_share'))} | {_selection(r)} |"
         )
     return lines
+
+
+def _selection(row: dict) -> str:
+    """Policy 'select''s own time per decode step (bounds, top-k, metadata, summaries)."""
+    ms = row.get("select_ms")
+    if not ms:  # no select rows (or a results file from before the policy existed)
+        return "–"
+    return f"{_fmt(ms)} ({_pct(row.get('select_share'))})"
 
 
 def plot_speed(results: dict[str, Any], path: Path) -> Path:
