@@ -236,11 +236,24 @@ def engine_kwargs(
 
 
 def mem_available_bytes() -> int | None:
+    """Memory engines can use: the system's MemAvailable, capped by NUMA node 0's free
+    memory (vLLM's CPU worker binds its KV cache to one node and refuses a cache larger
+    than that node's free memory, whatever the system total)."""
+    found = [
+        _meminfo_kb(Path("/proc/meminfo"), "MemAvailable:"),
+        _meminfo_kb(Path("/sys/devices/system/node/node0/meminfo"), "MemFree:"),
+    ]
+    known = [kb * 1024 for kb in found if kb is not None]
+    return min(known) if known else None
+
+
+def _meminfo_kb(path: Path, key: str) -> int | None:
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if key in parts:
+                return int(parts[parts.index(key) + 1])
+    except (OSError, ValueError, IndexError):
         pass
     return None
 
