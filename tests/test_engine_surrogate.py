@@ -73,3 +73,18 @@ def test_signal_state_released_when_requests_finish(surrogate_llm):
     greedy(surrogate_llm, PROMPTS[:1], max_tokens=2)
     state = surrogate_llm.collective_rpc(_signal_state)[0]
     assert state["requests"] <= 1 and state["live"] <= state["requests"]
+
+
+def test_pinned_requests_ignore_the_surrogate_router(surrogate_llm):
+    """``utio_bucket`` pins a request's depth under the surrogate router too: every decode
+    row of a request pinned to "mid" runs at that level, one pinned "full" never leaves 0."""
+    prompts = PROMPTS[:3]
+    surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})
+    greedy(surrogate_llm, prompts, [{"utio_bucket": "mid"}] * 3)
+    mid = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    greedy(surrogate_llm, prompts, [{"utio_bucket": "full"}] * 3)
+    full = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    decode_rows = 3 * (MAX_TOKENS - 1)
+    # levels: 0 full, 1 mid (the deeper bucket), 2 shallow
+    assert mid["rows_per_level"][1] == decode_rows and mid["rows_per_level"][2] == 0
+    assert full["rows_per_level"][1] == full["rows_per_level"][2] == 0
