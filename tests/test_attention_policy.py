@@ -182,7 +182,12 @@ def test_vslash_config_errors():
     msg = err({"policy": "throttle", "vertical_blocks": 2})
     assert "vertical_blocks only apply to policy 'vslash'" in msg
     assert "'attention_all.sink_tokens': value 100" in err({"policy": "vslash", "sink_tokens": 100})
-    assert "'dense', 'throttle' or 'vslash'" in err({"policy": "sparse"})
+    assert "'dense', 'throttle', 'vslash' or 'select'" in err({"policy": "sparse"})
+    msg = err({"policy": "throttle", "budget_tokens": 512})
+    assert "budget_tokens only apply to policy 'select'" in msg
+    msg = err({"policy": "select", "dense_layers": 30})
+    assert "'attention_all.dense_layers': value 30" in msg and "0..29" in msg
+    assert "'attention_all.top_p': value 1.5" in err({"policy": "select", "top_p": 1.5})
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg
