@@ -61,6 +61,10 @@ def test_policy_list_is_data_and_guarded():
         parsed.check_against_model(NUM_LAYERS, block_size=128)
         # attention only: every bucket keeps every layer
         assert all(b.keep_first == NUM_LAYERS and not b.skipped(NUM_LAYERS) for b in parsed.buckets)
+    # every built-in policy is valid at the tools' block sizes (sinks in whole blocks)
+    for block_size in (32, lp.DEFAULT_BLOCK_SIZE):
+        for cfg in filter(None, lp.engine_configs(lp.POLICIES, [], NUM_LAYERS, 0.12).values()):
+            parse_utio_config(cfg).check_against_model(NUM_LAYERS, block_size=block_size)
     names = [c.name for c in lp.cases(policies, ["throttle"], 0.12)]
     assert names == ["vanilla", "utio-dense", "throttle-all", "wide-all", "throttle-routed"]
 

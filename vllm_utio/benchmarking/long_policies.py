@@ -37,20 +37,20 @@ POLICIES: dict[str, dict[str, Any]] = {
     # KV blocks, --block-size 32: at 128 the per-block bounds are too loose to find facts)
     "select512": {
         "policy": "select",
-        "sink_tokens": 64,
+        "sink_tokens": 128,
         "recent_tokens": 256,
         "budget_tokens": 512,
     },
     "select1024": {
         "policy": "select",
-        "sink_tokens": 64,
+        "sink_tokens": 128,
         "recent_tokens": 256,
         "budget_tokens": 1024,
     },
     # adaptive: stop once the kept blocks hold 90% of the estimated attention mass
     "select1024p90": {
         "policy": "select",
-        "sink_tokens": 64,
+        "sink_tokens": 128,
         "recent_tokens": 256,
         "budget_tokens": 1024,
         "top_p": 0.9,
