@@ -69,6 +69,21 @@ def test_policy_list_is_data_and_guarded():
     assert names == ["vanilla", "utio-dense", "throttle-all", "wide-all", "throttle-routed"]
 
 
+def test_engine_dtype_follows_the_cpu():
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert lp.resolve_dtype("auto") == ("bfloat16" if native else "float32")
+    assert lp.resolve_dtype("float32") == "float32"
+    model = model_path()
+    assert lp.kv_bytes_per_token(model, "float32") == 2 * lp.kv_bytes_per_token(model)
+    assert lp.engine_kwargs(1024, 4, 1 << 28, True, dtype="float32")["dtype"] == "float32"
+    args = _args(long_context, ["--dtype", "float32", "--batch-sizes", "2"])
+    fp32 = long_context.plan(args, model)["kv_bytes"]
+    args = _args(long_context, ["--dtype", "bfloat16", "--batch-sizes", "2"])
+    assert fp32 == pytest.approx(2 * long_context.plan(args, model)["kv_bytes"], rel=1e-6)
+
+
 def _quality_row(config: str, by_kind: dict[str, tuple[int, int]], vs: str) -> dict:
     kinds = {
         k: {"passed": p, "total": n, "rate": p / n, "ci": list(wilson_interval(p, n))}
@@ -171,6 +186,7 @@ def test_quick_bench_long(bench_quick, tmp_path):
         f"{p}-all" for p in policies
     }
     assert all(r["decode_tok_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
+    assert data["settings"]["dtype"] == "bfloat16"  # what the shared engines run in
     for r in rows.values():  # the attention kernel is timed in every engine, compiled or not
         assert 0.0 < r["attention_share"] < 1.0
     assert rows["utio-dense"]["kv_read_fraction"] == 1.0 and rows["utio-dense"]["sparse_share"] == 0
@@ -191,6 +207,7 @@ def test_quick_eval_long_attaches_to_bench(quick_engines, bench_quick, tmp_path)
     import json
 
     data = json.loads(out.read_text())
+    assert data["settings"]["dtype"] == "bfloat16"
     rows = {r["config"]: r for r in data["summary"]}
     # the same engine unpinned is dense full depth: identical to vanilla
     assert rows["utio-dense"]["ppl_delta"] == pytest.approx(0.0, abs=1e-9)

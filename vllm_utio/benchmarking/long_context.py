@@ -236,6 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("-o", "--out", type=Path, default=Path("results/long_context.json"))
     lp.add_block_size_argument(parser)
+    lp.add_dtype_argument(parser)
 
 
 def apply_quick(args: argparse.Namespace) -> None:
@@ -261,7 +262,7 @@ def plan(args: argparse.Namespace, model: str) -> dict[str, Any]:
         if p not in policies
     ]
     engines = lp.engine_configs(policies, routed, shape["num_layers"], args.route_max_score)
-    per_token = lp.kv_bytes_per_token(model)
+    per_token = lp.kv_bytes_per_token(model, lp.resolve_dtype(args.dtype))
     kv = (
         int(args.kv_cache_gib * (1 << 30))
         if args.kv_cache_gib
@@ -321,6 +322,9 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
     if args.quick:
         apply_quick(args)
     model = str(args.model or default_model_dir())
+    if llms is not None:  # ready engines: record what they run in
+        args.dtype = lp.engine_dtype(next(iter(llms.values())))
+    dtype = args.dtype = lp.resolve_dtype(args.dtype)
     p = plan(args, model)
     timing = not args.no_attention_timing
     if llms is not None:
@@ -332,7 +336,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
         "prompt_lens": args.context_lens,
         "output_len": args.output_len,
         "repeats": args.repeats,
-        "dtype": "bfloat16",
+        "dtype": dtype,
         "enforce_eager": args.eager,
         "quick": args.quick,
         "policies": p["policies"],
@@ -364,6 +368,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
             timing=timing,
             utio=p["engines"][key],
             block_size=args.block_size,
+            dtype=dtype,
         )
         return LLM(model, **kw)
 

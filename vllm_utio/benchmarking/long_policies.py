@@ -57,6 +57,10 @@ POLICIES: dict[str, dict[str, Any]] = {
     },
 }
 DEFAULT_BLOCK_SIZE = 128  # vLLM CPU default; select finds facts better with 32 (--block-size)
+# tokens per prefill step: a step must end within vLLM's 300 s limit; 8192 tokens at 4k-8k
+# positions took about 3 min on one AVX2 core in float32 (bf16 there ran past the limit)
+PREFILL_CHUNK_TOKENS = 8192
+DTYPES = ("auto", "bfloat16", "float32")
 ROUTED = ("throttle",)  # policies also measured under importance routing
 # Surrogate scores of decode tokens on 1k-token Wikipedia prompts (8 x 127 tokens,
 # measured once): 39% below 0.10, 72% below 0.15, 85% below 0.20; 0.12 sends about half
@@ -189,10 +193,10 @@ def model_shape(model: str | Path) -> dict[str, int]:
     }
 
 
-def kv_bytes_per_token(model: str | Path) -> int:
-    """bf16 K and V of one token over every layer."""
+def kv_bytes_per_token(model: str | Path, dtype: str = "bfloat16") -> int:
+    """K and V of one token over every layer, in ``dtype``."""
     s = model_shape(model)
-    return s["num_layers"] * 2 * s["kv_heads"] * s["head_dim"] * 2
+    return s["num_layers"] * 2 * s["kv_heads"] * s["head_dim"] * (4 if dtype == "float32" else 2)
 
 
 def engine_kwargs(
@@ -204,17 +208,18 @@ def engine_kwargs(
     timing: bool = False,
     utio: dict[str, Any] | None = None,
     block_size: int = DEFAULT_BLOCK_SIZE,
+    dtype: str = "bfloat16",
 ) -> dict[str, Any]:
     """``LLM(...)`` keyword arguments shared by the long-context tools."""
     from vllm_utio.integration.attention_timer import EXTENSION
 
     kw: dict[str, Any] = {
-        "dtype": "bfloat16",
+        "dtype": dtype,
         "block_size": block_size,  # every engine of a run, vanilla too: same kernel layout
         "max_model_len": max_len,
         "max_num_seqs": max(max_batch, 2),
         # chunked prefill: 32 x 8k prompt tokens need not be one activation batch
-        "max_num_batched_tokens": max(8192, max_len),
+        "max_num_batched_tokens": max(PREFILL_CHUNK_TOKENS, max_len),
         "kv_cache_memory_bytes": kv_bytes,
         # prompts' K/V are written by dense full-depth prefill whatever the policy, so
         # cases on one engine may share them (see the tools for why this stays exact)
@@ -272,3 +277,36 @@ def add_block_size_argument(parser: Any) -> None:
         help="KV-cache block size of every engine (a multiple of 32 on CPU; 'select' needs "
         "fine blocks to find facts)",
     )
+
+
+def native_dtype() -> str:
+    """bfloat16 where the CPU computes it natively (AVX-512 BF16 or AMX), else float32.
+
+    Measured on a 2-core AVX2 EPYC (no AVX-512): bf16 prefill of a 4k prompt ran at 29
+    tok/s, float32 at 98 tok/s (no bf16 arithmetic in hardware), so bf16 there would
+    measure the emulation, not the attention policies.
+    """
+    import torch
+
+    if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported():
+        return "bfloat16"
+    return "float32"
+
+
+def add_dtype_argument(parser: Any) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="model and KV-cache dtype of every engine (auto: bfloat16 where the CPU has "
+        "AVX-512 BF16 or AMX, else float32, which such CPUs run several times faster)",
+    )
+
+
+def resolve_dtype(value: str) -> str:
+    return native_dtype() if value == "auto" else value
+
+
+def engine_dtype(llm: Any) -> str:
+    """The dtype a ready engine runs in ('bfloat16', 'float32', ...)."""
+    return str(llm.llm_engine.model_config.dtype).removeprefix("torch.")

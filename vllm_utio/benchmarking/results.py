@@ -152,9 +152,13 @@ def machine_info() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    import torch
+
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu,
+        # AVX2 / AVX512 / ...: decides whether bf16 runs natively, so speeds differ by ISA
+        "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
         "platform": platform.platform(),

@@ -78,6 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0, help="retrieval cases and bootstrap")
     lp.add_block_size_argument(parser)
+    lp.add_dtype_argument(parser)
     parser.add_argument(
         "--quick", action="store_true", help="one 640-token context, 2 documents, 4 retrieval cases"
     )
@@ -201,26 +202,32 @@ def run_cases(
             )
             _timed(run, "greedy", t0)
             progress(len(prompts[rows]))
-    budgets: dict[int, list[int]] = {}  # answer tokens -> cases (one engine call each)
+    # retrieval: per batch of cases sharing an answer length, every policy in turn, so a
+    # batch's prompts are prefilled once and served from the prefix cache afterwards (the
+    # cache holds about one batch of the longest context, not all of a context's cases)
+    budgets: dict[int, list[int]] = {}  # answer tokens -> cases
     for i, rc in enumerate(inputs.retrieval):
         budgets.setdefault(rc.answer_tokens, []).append(i)
+    answers = {c.name: [""] * len(inputs.retrieval) for c in cases}
+    for budget, idx in budgets.items():
+        for start in range(0, len(idx), size):
+            chunk = idx[start : start + size]
+            for c in cases:
+                t0 = time.perf_counter()
+                outs = greedy_continuations(
+                    llm,
+                    [list(inputs.retrieval[i].tokens) for i in chunk],
+                    budget,
+                    extra[c.name],
+                    size,
+                    [f"retrieval:{ctx}:{i}" for i in chunk],
+                )
+                for i, o in zip(chunk, outs, strict=True):
+                    answers[c.name][i] = tokenizer.decode(o, skip_special_tokens=True)
+                _timed(runs[c.name], "retrieval", t0)
+                progress(len(chunk))
     for c in cases:
-        run, t0 = runs[c.name], time.perf_counter()
-        answers = [""] * len(inputs.retrieval)
-        for budget, idx in budgets.items():
-            outs = greedy_continuations(
-                llm,
-                [list(inputs.retrieval[i].tokens) for i in idx],
-                budget,
-                extra[c.name],
-                size,
-                [f"retrieval:{ctx}:{i}" for i in idx],
-            )
-            for i, o in zip(idx, outs, strict=True):
-                answers[i] = tokenizer.decode(o, skip_special_tokens=True)
-        run.answers = answers
-        _timed(run, "retrieval", t0)
-        progress(len(answers))
+        runs[c.name].answers = answers[c.name]
     return runs
 
 
@@ -381,6 +388,9 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
 
     if args.quick:
         apply_quick(args)
+    if llms is not None:  # ready engines: record what they run in
+        args.dtype = lp.engine_dtype(next(iter(llms.values())))
+    args.dtype = lp.resolve_dtype(args.dtype)
     # vanilla on vLLM's V1 runner, like UTIO: the forcing processor needs it
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     model = str(args.model or default_model_dir())
@@ -399,7 +409,10 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
     kv = (
         int(args.kv_cache_gib * (1 << 30))
         if args.kv_cache_gib
-        else max(256 << 20, int(1.15 * args.batch_size * max_len * lp.kv_bytes_per_token(model)))
+        else max(
+            256 << 20,
+            int(1.15 * args.batch_size * max_len * lp.kv_bytes_per_token(model, args.dtype)),
+        )
     )
     per_ctx = {
         ctx: 2 * len(inp.windows) + len(inp.retrieval) for ctx, inp in inputs.items()
@@ -422,6 +435,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
                     forcing=True,
                     utio=engines[key],
                     block_size=args.block_size,
+                    dtype=args.dtype,
                 )
                 llm = LLM(model, **kw)
             try:
