@@ -33,8 +33,8 @@ from typing import Any
 POLICIES: dict[str, dict[str, Any]] = {
     "throttle": {"policy": "throttle", "sink_tokens": 128, "recent_tokens": 512},
     "vslash": {"policy": "vslash", "sink_tokens": 128, "recent_tokens": 512},
-    # query-aware: sinks + window + the best blocks per layer, up to the budget (use 32-token
-    # KV blocks, --block-size 32: at 128 the per-block bounds are too loose to find facts)
+    # query-aware: sinks + window + the best blocks per layer, up to the budget; measured with
+    # --block-size 32 (a simulation found 128-token bounds too loose to find facts)
     "select512": {
         "policy": "select",
         "sink_tokens": 128,

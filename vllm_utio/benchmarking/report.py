@@ -218,13 +218,14 @@ def render(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, v, s = results["machine"], results["versions"], results["settings"]
     isa = f" ({m['isa']})" if m.get("isa") else ""
+    blocks = f", {s['block_size']}-token KV blocks" if s.get("block_size") else ""
     lines = [
         f"# UTIO benchmark, {results['created'][:10]}",
         "",
         f"Machine: {m['cpu']}{isa}, {m['cores']} cores, {m['memory_gib']} GiB. "
         f"vLLM {v['vllm']}, torch {v['torch']}, vllm-utio {v['vllm_utio']}.",
         f"Settings: batch sizes {s['batch_sizes']}, prompt lengths {s['prompt_lens']}, "
-        f"{s['output_len']} output tokens, greedy, ignore_eos, {s['dtype']}, "
+        f"{s['output_len']} output tokens, greedy, ignore_eos, {s['dtype']}{blocks}, "
         f"{s['repeats']} interleaved repeats (median, min–max).",
         "",
         "## Configurations",
