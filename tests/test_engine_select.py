@@ -4,7 +4,8 @@ One engine (module-scoped): 32-token KV blocks, a small KV cache so blocks are r
 between requests, the forced router with full-depth buckets that differ only in
 attention: ``wide`` (select with a budget larger than any context here), ``narrow``
 (select: 32 sinks + 64 recent + the best blocks up to 256 positions), ``throttle``
-(the same sinks and window, nothing chosen) and ``tiny`` (select, 2 blocks of 32 only).
+(the same sinks and window, nothing chosen), ``tiny`` (select, 2 blocks of 32 only) and
+``held`` (``narrow`` holding ranked blocks for 4 more steps).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ BUCKETS = [
         "max_score": 0.8,
         "keep_first": NUM_LAYERS,
         "attention": {"policy": "select", "sink_tokens": SINK, "budget_tokens": 4096},
+    },
+    {
+        "name": "held",
+        "max_score": 0.9,
+        "keep_first": NUM_LAYERS,
+        "attention": {**NARROW, "hold_steps": 4},
     },
 ]
 MAX_TOKENS = 24
@@ -124,6 +131,34 @@ def test_small_budget_reads_less_and_changes_outputs(select_llm, prompts):
     assert reads["tiny"][0] != dense, "two 32-token blocks of a 760-token context"
 
 
+def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm, prompts):
+    from vllm import SamplingParams
+
+    reads = {}
+    for name in ("narrow", "held"):
+        _stats(select_llm)
+        _greedy(select_llm, prompts[:1], [{"utio_bucket": name}], salt=f"hold-{name}")
+        reads[name] = _stats(select_llm)["kv_tokens_read"]
+    # a held block is read on top of the budget: never less, and at most 4 steps' worth
+    # of the ranked blocks (5 of 8 per layer) more
+    assert reads["narrow"] < reads["held"] <= reads["narrow"] * 2, reads
+    engine = select_llm.llm_engine
+    params = SamplingParams(
+        temperature=0.0, max_tokens=30, ignore_eos=True, extra_args={"utio_bucket": "held"}
+    )
+    engine.add_request("held-a", _tokens(prompts[0], "held-live"), params)
+    for _ in range(6):
+        engine.step()
+    live = _stats(select_llm)["request_state_entries"]
+    engine.abort_request(["held-a"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    # the worker hears of a finished request on the next step (any request's)
+    _greedy(select_llm, [prompts[1][:64]], [None], max_tokens=1)
+    assert live == 1
+    assert _stats(select_llm)["request_state_entries"] == 0
+
+
 def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, prompts):
     prompts = [prompts[0], prompts[0]]
     dense = _greedy(select_llm, prompts[:1], [None], salt="opt-dense")[0]
@@ -157,8 +192,8 @@ def _summaries_vs_cache(wrapper, req_ids: list[str]) -> dict:
             valid = torch.arange(len(blocks) * bs).reshape(-1, bs) < cached
             lo = keys.masked_fill(~valid[..., None, None], float("inf")).amin(1)
             hi = keys.masked_fill(~valid[..., None, None], float("-inf")).amax(1)
-            ok = torch.equal(sel.summaries.kmin[layer][blocks].float(), lo) and torch.equal(
-                sel.summaries.kmax[layer][blocks].float(), hi
+            ok = torch.equal(sel.summaries.kmin(layer)[blocks], lo) and torch.equal(
+                sel.summaries.kmax(layer)[blocks], hi
             )
             checked += 1
             mismatched += int(not ok)

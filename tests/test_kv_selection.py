@@ -9,9 +9,13 @@ import torch
 from vllm_utio.attention_policy import apply_selections
 from vllm_utio.kv_selection import (
     BlockSummaries,
+    HeldBlocks,
     SelectRule,
     always_kept,
     block_bound,
+    budget_blocks,
+    held_mask,
+    packed_bound,
     restrict_rows,
     select_blocks,
 )
@@ -32,7 +36,7 @@ def _reference_summaries(keys: torch.Tensor, written: torch.Tensor, block_size: 
 def test_summaries_fold_prefill_decode_and_recycling_exactly():
     torch.manual_seed(0)
     bs, nb, heads, dim = 4, 6, 2, 8
-    s = BlockSummaries(2, nb, bs, heads, dim, torch.bfloat16)
+    s = BlockSummaries(2, nb, bs, heads, dim)
     cache = torch.zeros(nb * bs, heads, dim, dtype=torch.bfloat16)
     # prefill of a 10-token request in blocks 3, 1, 5 (slots in block-table order)
     table = [3, 1, 5]
@@ -48,14 +52,14 @@ def test_summaries_fold_prefill_decode_and_recycling_exactly():
         cache[slot[:1]] = k[:1]
     written = torch.tensor([table[p // bs] * bs + p % bs for p in range(12)])
     kmin, kmax = _reference_summaries(cache.float(), written, bs)
-    assert torch.equal(s.kmin[1].float()[table], kmin[table])
-    assert torch.equal(s.kmax[1].float()[table], kmax[table])
-    assert torch.isinf(s.kmin[0]).all()  # the other layer is untouched
+    assert torch.equal(s.kmin(1)[table], kmin[table])
+    assert torch.equal(s.kmax(1)[table], kmax[table])
+    assert torch.isinf(s.kmin(0)).all()  # the other layer is untouched
     # block 1 is recycled by a new request: its first slot is rewritten, old keys forgotten
     k = torch.randn(2, heads, dim).to(torch.bfloat16)
     s.fold(1, k, torch.tensor([4, 5]))
-    assert torch.equal(s.kmin[1][1], torch.minimum(k[0], k[1]))
-    assert torch.equal(s.kmax[1][1], torch.maximum(k[0], k[1]))
+    assert torch.equal(s.kmin(1)[1], torch.minimum(k[0], k[1]))
+    assert torch.equal(s.kmax(1)[1], torch.maximum(k[0], k[1]))
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -70,6 +74,11 @@ def test_bound_is_an_upper_bound_of_every_key(seed: int):
     true = (q * keys.unsqueeze(4)).sum(-1).amax(dim=(2, 3, 4))
     assert bound.shape == (rows, nb)
     assert (bound >= true - 1e-4).all()
+    # the packed path (what the engine runs) computes the same bound from the summaries
+    s = BlockSummaries(1, rows * nb, bs, kv_heads, dim)
+    s.fold(0, keys.reshape(-1, kv_heads, dim), torch.arange(rows * nb * bs))
+    table = torch.arange(rows * nb).reshape(rows, nb)
+    assert torch.allclose(packed_bound(query, s.gather(0, table)), bound, rtol=1e-5, atol=1e-4)
     # and it is tight for a block of one key
     one = block_bound(query, keys[:, :, 0], keys[:, :, 0], kv_heads)
     exact = (query.reshape(rows, 1, kv_heads, group, dim) * keys[:, :, 0].unsqueeze(3)).sum(-1)
@@ -98,14 +107,16 @@ def test_select_fills_the_budget_with_the_highest_bounds():
             [0.0, 0, -1, -1, -1, -1, -1, -1, -1, -1],
         ]
     )
-    kept = select_blocks(bound, lens, bs, rule)
+    kept, ranked = select_blocks(bound, lens, bs, rule)
     assert kept[0].nonzero().flatten().tolist() == [0, 2, 4, 6, 9]  # sink, top 3, last
     # 5 tokens in block 6: the last 32 positions span blocks 5 and 6
     assert kept[1].nonzero().flatten().tolist() == [0, 1, 3, 5, 6]
     assert kept[2].nonzero().flatten().tolist() == [0, 1]
     assert int(kept.sum(1).max()) <= 5
+    assert ranked[0].nonzero().flatten().tolist() == [2, 4, 6]  # the ranking's own picks
+    assert not ranked[2].any()
     # a budget below sinks + window still keeps them
-    tiny = select_blocks(bound, lens, bs, SelectRule(1, 32, 1))
+    tiny, _ = select_blocks(bound, lens, bs, SelectRule(1, 32, 1))
     assert tiny[0].nonzero().flatten().tolist() == [0, 9]
 
 
@@ -114,11 +125,11 @@ def test_top_p_stops_early_but_never_beyond_the_budget():
     lens = torch.tensor([8 * bs])
     bound = torch.tensor([[0.0, 50, 0, 0, 0, 0, 0, 0]])  # block 1 holds nearly all the mass
     full = SelectRule(1, 32, 6 * bs, top_p=None, scale=1.0)
-    assert select_blocks(bound, lens, bs, full)[0].sum() == 6
+    assert select_blocks(bound, lens, bs, full)[0][0].sum() == 6
     sharp = SelectRule(1, 32, 6 * bs, top_p=0.9, scale=1.0)
-    assert select_blocks(bound, lens, bs, sharp)[0].nonzero().flatten().tolist() == [0, 1, 7]
+    assert select_blocks(bound, lens, bs, sharp)[0][0].nonzero().flatten().tolist() == [0, 1, 7]
     flat = SelectRule(1, 32, 4 * bs, top_p=0.99, scale=1.0)
-    assert select_blocks(torch.zeros(1, 8), lens, bs, flat)[0].sum() == 4
+    assert select_blocks(torch.zeros(1, 8), lens, bs, flat)[0][0].sum() == 4
 
 
 def test_restrict_rows_matches_the_per_row_reference():
@@ -139,3 +150,42 @@ def test_restrict_rows_matches_the_per_row_reference():
     assert got_lens.tolist() == want_lens.tolist()
     for r, (idx, _) in selections.items():
         assert got_table[r, : len(idx)].tolist() == want_table[r, : len(idx)].tolist()
+
+
+def test_held_blocks_stay_read_for_hold_steps_on_top_of_the_budget():
+    bs = 32
+    rule = SelectRule(sink_blocks=1, recent_tokens=1, budget_tokens=3 * bs, hold_steps=2)
+    state = HeldBlocks(num_layers=2, max_blocks=12)
+    last = state.rows(["a"])[:, 1]  # layer 1, never ranked
+    seq = 10 * bs
+    picks = []
+    for step, best in enumerate([4, 6, 6, 6]):  # block 4 ranks first once, then block 6
+        lens = torch.tensor([seq + step])
+        width = -(-int(lens[0]) // bs)
+        bound = torch.zeros(1, width)
+        bound[0, best] = 9.0
+        held = held_mask(last[:, :width], lens, rule.hold_steps)
+        kept, ranked = select_blocks(bound, lens, bs, rule, held)
+        assert ranked[0].nonzero().flatten().tolist() == [best]
+        stamp = lens.to(torch.int32).reshape(-1, 1)
+        last[:, :width] = torch.where(ranked, stamp, last[:, :width])
+        picks.append(kept[0].nonzero().flatten().tolist())
+    # block 4 is read on the 2 steps after it was ranked, then dropped
+    assert [4 in p for p in picks] == [True, True, True, False]
+    assert picks[1] == [0, 4, 6, 10]  # sink, held, ranked, last: one over the budget
+    # state round trip and clean-up per request
+    full = state.rows(["a", "b"])
+    full[0, 1, :10] = 7
+    state.store(["a", "b"], full)
+    assert state.request_ids() == {"a", "b"}
+    assert int(state.rows(["a"])[0, 1, 3]) == 7
+    state.forget("a")
+    state.forget("b")
+    assert state.request_ids() == set()
+
+
+def test_budget_in_whole_blocks():
+    # 1000 positions buy 32 blocks of 32: a 1024-token row reads all, a 1025-token one is scored
+    assert budget_blocks(1000, 32) == 32
+    assert budget_blocks(1024, 32) == 32
+    assert budget_blocks(1, 128) == 1

@@ -75,6 +75,7 @@ def test_engine_dtype_follows_the_cpu():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert lp.resolve_dtype("auto") == ("bfloat16" if native else "float32")
     assert lp.resolve_dtype("float32") == "float32"
+    assert lp.run_dtype("auto", None) == lp.resolve_dtype("auto")  # no engines yet
     model = model_path()
     assert lp.kv_bytes_per_token(model, "float32") == 2 * lp.kv_bytes_per_token(model)
     assert lp.engine_kwargs(1024, 4, 1 << 28, True, dtype="float32")["dtype"] == "float32"

@@ -85,9 +85,11 @@ def test_formatting_from_stats_dict() -> None:
 
 
 def test_summary_memory_is_a_gauge() -> None:
-    text = _render({**_stats(), "summary_bytes": 4096})
+    text = _render({**_stats(), "summary_bytes": 4096, "request_state_entries": 3})
     assert "# TYPE utio_summary_bytes gauge" in text
     assert _samples(text)["utio_summary_bytes"] == 4096
+    assert "# TYPE utio_request_state_entries gauge" in text
+    assert _samples(text)["utio_request_state_entries"] == 3
 
 
 def test_not_fetched_yet_shows_only_failures() -> None:

@@ -89,12 +89,19 @@ class AttentionPolicy(_Strict):
         "attention mass estimated from the bounds (capped by budget_tokens); unset: fill the "
         "budget.",
     )
+    hold_steps: int = Field(
+        default=0,
+        ge=0,
+        description="select: a block ranked into the budget stays read for this many more "
+        "decode steps of the request at that layer, on top of the budget (a multi-token copy "
+        "keeps reading its source); 0: off.",
+    )
 
     @model_validator(mode="after")
     def _policy_fields(self) -> AttentionPolicy:
         own = {
             "vslash": {"vertical_blocks", "slash_offsets"},
-            "select": {"budget_tokens", "dense_layers", "top_p"},
+            "select": {"budget_tokens", "dense_layers", "top_p", "hold_steps"},
         }
         for policy, fields in own.items():
             stray = sorted(fields & self.model_fields_set) if self.policy != policy else []

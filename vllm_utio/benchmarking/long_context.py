@@ -322,9 +322,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
     if args.quick:
         apply_quick(args)
     model = str(args.model or default_model_dir())
-    if llms is not None:  # ready engines: record what they run in
-        args.dtype = lp.engine_dtype(next(iter(llms.values())))
-    dtype = args.dtype = lp.resolve_dtype(args.dtype)
+    dtype = args.dtype = lp.run_dtype(args.dtype, llms)
     p = plan(args, model)
     timing = not args.no_attention_timing
     if llms is not None:

@@ -195,8 +195,11 @@ def model_shape(model: str | Path) -> dict[str, int]:
 
 def kv_bytes_per_token(model: str | Path, dtype: str = "bfloat16") -> int:
     """K and V of one token over every layer, in ``dtype``."""
+    import torch
+
     s = model_shape(model)
-    return s["num_layers"] * 2 * s["kv_heads"] * s["head_dim"] * (4 if dtype == "float32" else 2)
+    itemsize = getattr(torch, dtype).itemsize
+    return s["num_layers"] * 2 * s["kv_heads"] * s["head_dim"] * itemsize
 
 
 def engine_kwargs(
@@ -310,3 +313,11 @@ def resolve_dtype(value: str) -> str:
 def engine_dtype(llm: Any) -> str:
     """The dtype a ready engine runs in ('bfloat16', 'float32', ...)."""
     return str(llm.llm_engine.model_config.dtype).removeprefix("torch.")
+
+
+def run_dtype(value: str, llms: dict[str, Any] | None) -> str:
+    """The dtype a run records: that of its ready engines if given, else ``value``
+    with 'auto' resolved for this CPU."""
+    if llms:
+        return engine_dtype(next(iter(llms.values())))
+    return resolve_dtype(value)

@@ -388,9 +388,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
 
     if args.quick:
         apply_quick(args)
-    if llms is not None:  # ready engines: record what they run in
-        args.dtype = lp.engine_dtype(next(iter(llms.values())))
-    args.dtype = lp.resolve_dtype(args.dtype)
+    args.dtype = lp.run_dtype(args.dtype, llms)
     # vanilla on vLLM's V1 runner, like UTIO: the forcing processor needs it
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     model = str(args.model or default_model_dir())

@@ -145,6 +145,11 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
 # (metric name, stats key, help text): values that go up and down
 _GAUGES: tuple[tuple[str, str, str], ...] = (
     ("utio_summary_bytes", "summary_bytes", "Memory of the block key summaries ('select')."),
+    (
+        "utio_request_state_entries",
+        "request_state_entries",
+        "Requests for which UTIO keeps per-request state (signals, rankings, held blocks).",
+    ),
 )
 # (metric name without "_total", per-level list key, help text); labelled by bucket name.
 _PER_LEVEL: tuple[tuple[str, str, str], ...] = (

@@ -158,7 +158,10 @@ class UtioRunnerMixin:
         first = self.utio_cfg.first_select_layer()
         if first is not None and self._utio_executor is not None:
             self._utio_selector = QueryAwareSelector(
-                self._utio_executor.stack, self.cache_config.block_size, lambda: self.utio_stats
+                self._utio_executor.stack,
+                self.cache_config.block_size,
+                self.max_model_len,
+                lambda: self.utio_stats,
             )
             self._utio_selector.install(first)
 
@@ -370,7 +373,11 @@ class UtioRunnerMixin:
             elif policy.policy != "dense":
                 policies[row] = policy
         if self._utio_selector is not None:
-            self._utio_selector.begin_step(selected, lambda c: build_metadata(c, self.attn_groups))
+            self._utio_selector.begin_step(
+                selected,
+                lambda c: build_metadata(c, self.attn_groups),
+                list(self.input_batch.req_ids),
+            )
         if not policies:
             self._utio_kv_read = (dense_read, dense_read)
             return None
@@ -524,12 +531,17 @@ class UtioRunnerMixin:
         super()._on_request_state_removed(req_id, req_state)
         self._utio_signals.pop(req_id, None)
         self._utio_ranked.pop(req_id, None)
+        if self._utio_selector is not None:
+            self._utio_selector.forget(req_id)
 
     # --- RPC-facing ----------------------------------------------------------------
     def utio_stats_dict(self, reset: bool = False) -> dict[str, Any]:
         out = self.utio_stats.as_dict()
         summaries = self._utio_selector.summaries if self._utio_selector else None
         out["summary_bytes"] = summaries.nbytes if summaries is not None else 0  # a gauge
+        # gauge: requests with UTIO per-request state (0 once no request is live)
+        held = self._utio_selector.held.request_ids() if self._utio_selector else set()
+        out["request_state_entries"] = len(set(self._utio_signals) | set(self._utio_ranked) | held)
         out["runner_class"] = type(self).__name__
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)

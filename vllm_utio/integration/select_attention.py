@@ -27,8 +27,11 @@ from vllm_utio.config import AttentionPolicy
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.kv_selection import (
     BlockSummaries,
+    HeldBlocks,
     SelectRule,
-    block_bound,
+    budget_blocks,
+    held_mask,
+    packed_bound,
     restrict_rows,
     select_blocks,
 )
@@ -45,20 +48,30 @@ class _Current:
     common: Any  # its CommonAttentionMetadata
     local: list[int]
     rules: list[AttentionPolicy]
+    req_ids: list[str]
+    held: torch.Tensor | None = None  # [rows, L, max_blocks] HeldBlocks state, if any holds
 
 
 class QueryAwareSelector:
     """Owns the block summaries and the per-layer selection of one model runner."""
 
-    def __init__(self, stack: DecoderStack, block_size: int, stats: Callable[[], UtioStats]):
+    def __init__(
+        self,
+        stack: DecoderStack,
+        block_size: int,
+        max_model_len: int,
+        stats: Callable[[], UtioStats],
+    ):
         self.stack = stack
         self.block_size = block_size
         self._stats = stats
         self.summaries: BlockSummaries | None = None
+        self.held = HeldBlocks(stack.num_layers, -(-max_model_len // block_size))
         self._layer_of: dict[str, int] = {}
         self._hooks: list[Any] = []
         # this step: persistent row -> its select policy (decode rows only)
         self.policies: dict[int, AttentionPolicy] = {}
+        self._req_ids: list[str] = []
         self._current: _Current | None = None
         self._build: BuildMetadata | None = None
         self._saved: dict[int, Any] = {}
@@ -84,7 +97,6 @@ class QueryAwareSelector:
             self.block_size,
             int(attn0.num_kv_heads),
             int(attn0.head_size),
-            cache.dtype,
             cache.device,
         )
         wrapped: set[int] = set()
@@ -106,7 +118,7 @@ class QueryAwareSelector:
             if index is not None and kv_cache is layer.kv_cache and self.summaries is not None:
                 t0 = time.perf_counter()
                 n = slot_mapping.shape[0]
-                keys = key[:n].reshape(n, -1, self.summaries.kmin.shape[-1])
+                keys = key[:n].reshape(n, -1, self.summaries.head_size)
                 self.summaries.fold(index, keys, slot_mapping)
                 self._stats().summary_s += time.perf_counter() - t0
             return out
@@ -114,10 +126,18 @@ class QueryAwareSelector:
         return do_kv_cache_update
 
     # --- per step -----------------------------------------------------------------
-    def begin_step(self, policies: dict[int, AttentionPolicy], build: BuildMetadata) -> None:
+    def begin_step(
+        self, policies: dict[int, AttentionPolicy], build: BuildMetadata, req_ids: list[str]
+    ) -> None:
+        """This step's select rows (persistent row -> policy) and the batch's requests."""
         self.policies = policies
         self._build = build
+        self._req_ids = req_ids
         self._reuse = None
+
+    def forget(self, req_id: str) -> None:
+        """A finished request's held blocks go (summaries belong to blocks, not requests)."""
+        self.held.forget(req_id)
 
     def take_saved_tokens(self) -> int:
         """KV positions the select rows did not read since the last call, summed over
@@ -131,11 +151,17 @@ class QueryAwareSelector:
         before = self._current
         local = [i for i, row in enumerate(rows.tolist()) if row in self.policies]
         rules = [self.policies[int(rows[i])] for i in local]
-        self._current = _Current(common, local, rules) if local else None
+        req_ids = [self._req_ids[int(rows[i])] for i in local]
+        cur = _Current(common, local, rules, req_ids) if local else None
+        if cur is not None and any(rule.hold_steps for rule in rules):
+            cur.held = self.held.rows(req_ids)
+        self._current = cur
         try:
             yield
         finally:
             self._current = before
+            if cur is not None and cur.held is not None:
+                self.held.store(req_ids, cur.held)
 
     # --- hooks --------------------------------------------------------------------
     def _pre_hook(self, index: int):
@@ -170,16 +196,25 @@ class QueryAwareSelector:
     def _layer_metadata(self, index: int, query: torch.Tensor, cur: _Current) -> Any | None:
         """Backend metadata of this layer with the select rows restricted (None: none)."""
         cm = cur.common
-        chosen = [j for j, rule in enumerate(cur.rules) if index >= rule.dense_layers]
+        upper_all = cm.seq_lens_cpu_upper_bound
+        bs = self.block_size
+        # rows past their dense layers whose context exceeds the budget (others read all)
+        chosen = [
+            j
+            for j, rule in enumerate(cur.rules)
+            if index >= rule.dense_layers
+            and int(upper_all[cur.local[j]]) > bs * budget_blocks(rule.budget_tokens, bs)
+        ]
         if not chosen:
             return None
         local = [cur.local[j] for j in chosen]
         rules = [cur.rules[j] for j in chosen]
         local_t = torch.as_tensor(local, dtype=torch.long)
         qsl = cm.query_start_loc_cpu
-        seq_lens = cm.seq_lens_cpu_upper_bound[local_t].to(torch.long)
+        seq_lens = upper_all[local_t].to(torch.long)
         table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device)]
-        kept = self._kept(index, query[qsl[local_t].to(query.device)], table, seq_lens, rules)
+        rows_q = query[qsl[local_t].to(query.device)]
+        kept = self._kept(index, rows_q, table, seq_lens, rules, cur, chosen)
         width = kept.shape[1]
         new_rows, new_lens = restrict_rows(table[:, :width].cpu(), seq_lens, kept, self.block_size)
         self.saved_tokens += int((seq_lens - new_lens).sum())
@@ -210,20 +245,20 @@ class QueryAwareSelector:
         table: torch.Tensor,
         seq_lens: torch.Tensor,
         rules: list[AttentionPolicy],
+        cur: _Current,
+        chosen: list[int],
     ) -> torch.Tensor:
-        """``[R, NB]`` kept-block mask of the select rows (grouped by policy)."""
+        """``[R, NB]`` kept-block mask of the select rows (grouped by policy); records
+        the ranked blocks of rows that hold them."""
         bs = self.block_size
         width = int(((seq_lens + bs - 1) // bs).max())
-        blocks = table[:, :width].to(torch.long)
         summaries = self.summaries
-        kmin = summaries.kmin[index][blocks]  # [R, NB, G, D]
-        kmax = summaries.kmax[index][blocks]
-        heads = query.shape[-1] // kmin.shape[-1]
-        bound = block_bound(
-            query.reshape(len(seq_lens), heads, -1), kmin, kmax, kmin.shape[2]
-        ).cpu()
+        packed = summaries.gather(index, table[:, :width])  # [G, R, NB, 2D]
+        heads = query.shape[-1] // summaries.head_size
+        bound = packed_bound(query.reshape(len(seq_lens), heads, -1), packed).cpu()
         scale = self.stack.attention_scale(index)
         kept = torch.zeros(bound.shape, dtype=torch.bool)
+        held_rows = torch.as_tensor(chosen, dtype=torch.long)
         for policy in set(rules):
             mask = torch.tensor([r == policy for r in rules])
             rule = SelectRule(
@@ -232,6 +267,14 @@ class QueryAwareSelector:
                 policy.budget_tokens,
                 policy.top_p,
                 scale,
+                policy.hold_steps,
             )
-            kept[mask] = select_blocks(bound[mask], seq_lens[mask], bs, rule)
+            held = None
+            if rule.hold_steps and cur.held is not None:
+                last = cur.held[held_rows[mask], index, :width]  # [r, NB]
+                held = held_mask(last, seq_lens[mask], rule.hold_steps)
+            kept[mask], ranked = select_blocks(bound[mask], seq_lens[mask], bs, rule, held)
+            if held is not None:
+                stamp = torch.where(ranked, seq_lens[mask].to(torch.int32).reshape(-1, 1), last)
+                cur.held[held_rows[mask], index, :width] = stamp
         return kept
