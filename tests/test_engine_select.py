@@ -139,8 +139,8 @@ def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm,
         _stats(select_llm)
         _greedy(select_llm, prompts[:1], [{"utio_bucket": name}], salt=f"hold-{name}")
         reads[name] = _stats(select_llm)["kv_tokens_read"]
-    # a held block is read on top of the budget: never less, and at most 4 steps' worth
-    # of the ranked blocks (5 of 8 per layer) more
+    # a held block is read on top of the budget: more than without holding (the ranked
+    # blocks change over 24 steps), and bounded (here well under twice the reads)
     assert reads["narrow"] < reads["held"] <= reads["narrow"] * 2, reads
     engine = select_llm.llm_engine
     params = SamplingParams(
