@@ -48,7 +48,6 @@ class _Current:
     common: Any  # its CommonAttentionMetadata
     local: list[int]
     rules: list[AttentionPolicy]
-    req_ids: list[str]
     held: torch.Tensor | None = None  # [rows, L, max_blocks] HeldBlocks state, if any holds
 
 
@@ -152,7 +151,7 @@ class QueryAwareSelector:
         local = [i for i, row in enumerate(rows.tolist()) if row in self.policies]
         rules = [self.policies[int(rows[i])] for i in local]
         req_ids = [self._req_ids[int(rows[i])] for i in local]
-        cur = _Current(common, local, rules, req_ids) if local else None
+        cur = _Current(common, local, rules) if local else None
         if cur is not None and any(rule.hold_steps for rule in rules):
             cur.held = self.held.rows(req_ids)
         self._current = cur
