@@ -65,6 +65,7 @@ def test_formatting_from_stats_dict() -> None:
     assert {k: v for k, v in samples.items() if not k.startswith("utio_bucket_size")} == {
         "utio_steps_total": 2,
         "utio_routed_steps_total": 1,
+        "utio_vllm_model_steps_total": 0,
         "utio_layer_tokens_run_total": 432,
         "utio_layer_tokens_full_total": 450,
         "utio_layer_tokens_saved_total": 18,

@@ -17,6 +17,8 @@ class UtioStats:
 
     steps: int = 0
     routed_steps: int = 0  # steps where at least one row ran below full depth
+    # steps run by vLLM's own (compiled) model: nothing to skip, restrict or observe
+    vllm_model_steps: int = 0
     rows_per_level: list[int] = field(default_factory=list)
     tokens_per_level: list[int] = field(default_factory=list)
     layer_tokens_run: int = 0
@@ -32,7 +34,7 @@ class UtioStats:
     summary_s: float = 0.0  # select policy: folding written keys into block summaries
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
-    forward_s: float = 0.0  # the layer loop, including KV fill
+    forward_s: float = 0.0  # the forward (layer loop with KV fill, or vLLM's model)
     level_names: list[str] = field(default_factory=list)
     # per level, how many steps had a sub-batch of each size (non-cumulative histogram;
     # the last slot counts sizes above the top bound; steps without the level not counted)

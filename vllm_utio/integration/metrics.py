@@ -80,11 +80,16 @@ FETCH_TIMEOUT_S = 5.0
 
 # (metric name without "_total", UtioStats.as_dict() key, help text)
 _COUNTERS: tuple[tuple[str, str, str], ...] = (
-    ("utio_steps", "steps", "Model steps run by the UTIO depth executor."),
+    ("utio_steps", "steps", "Model steps run with UTIO on (either path)."),
     (
         "utio_routed_steps",
         "routed_steps",
         "UTIO steps in which at least one request ran below full depth.",
+    ),
+    (
+        "utio_vllm_model_steps",
+        "vllm_model_steps",
+        "Steps run by vLLM's own (compiled) model: nothing to skip, restrict or observe.",
     ),
     (
         "utio_layer_tokens_run",
@@ -119,7 +124,8 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     (
         "utio_forward_seconds",
         "forward_s",
-        "Time in the UTIO layer loop, excluding sub-batch metadata builds.",
+        "Time in the forward (UTIO layer loop or vLLM's model), excluding sub-batch "
+        "metadata builds.",
     ),
     (
         "utio_kv_tokens_read",

@@ -7,7 +7,9 @@ Per step (``execute_model``):
    logits and sampling follow the new order without an un-permute.
 2. ``_build_attention_metadata`` runs as usual; a recorder keeps the step's common
    attention metadata so sub-batches can be built from it.
-3. ``_model_forward``: the :class:`~vllm_utio.executor.DepthExecutor` runs the layers.
+3. ``_model_forward``: a step with nothing UTIO-specific (every row full depth and dense,
+   no signal needed mid-forward; :mod:`vllm_utio.step_path`) runs vLLM's own compiled
+   model; any other step runs the :class:`~vllm_utio.executor.DepthExecutor`'s layer loop.
 4. ``sample_tokens``: before sampling, this step's logits and hidden states become the
    next step's importance signals.
 """
@@ -32,7 +34,7 @@ from vllm_utio.attention_policy import (
 )
 from vllm_utio.config import AttentionPolicy, UtioConfig, utio_config_from_additional
 from vllm_utio.corrections import Correction, load_correction
-from vllm_utio.executor import DepthExecutor, StepPlan
+from vllm_utio.executor import DepthExecutor, StepPlan, StepResult
 from vllm_utio.integration.attention import (
     StepMetadataRecorder,
     SubBatch,
@@ -54,6 +56,7 @@ from vllm_utio.routing.bucketing import (
 from vllm_utio.routing.probe import load_checked_probe
 from vllm_utio.routing.routers import RoutingBatch, levels_by_name, make_router
 from vllm_utio.stats import StatsLogger, UtioStats
+from vllm_utio.step_path import StepFacts, layer_loop_reason
 
 logger = get_logger(__name__)
 
@@ -78,6 +81,8 @@ class UtioRunnerMixin:
         self._utio_log = StatsLogger(self.utio_cfg.stats_log_interval_s)
         self._utio_signals: dict[str, dict[str, float]] = {}
         self._utio_levels: np.ndarray | None = None
+        # this step's rows a router may move below full depth, and their scheduled tokens
+        self._utio_routable = (np.zeros(0, dtype=bool), np.zeros(0, dtype=np.int64))
         self._utio_recorder = StepMetadataRecorder()
         self._utio_executor: DepthExecutor | None = None
         self._utio_route_s = 0.0
@@ -261,7 +266,19 @@ class UtioRunnerMixin:
                 **model_kwargs,
             )
         self._utio_mid_metadata_s = 0.0  # sparse metadata built after mid-forward routing
-        plan = self._utio_step_plan(cm, levels)
+        qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
+        throttled = self._utio_throttle(cm, levels, qsl)
+        if self._utio_path_reason(cm, levels, throttled) is None:
+            # nothing UTIO-specific this step: vLLM's own (compiled) model computes it
+            t0 = time.perf_counter()
+            hidden = super()._model_forward(
+                input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+            )
+            self._utio_heat = None
+            self.utio_stats.vllm_model_steps += 1
+            self._utio_record(levels, qsl, StepResult(hidden), time.perf_counter() - t0)
+            return hidden
+        plan = self._utio_step_plan(cm, levels, qsl, throttled)
         t0 = time.perf_counter()
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
         forward_s = time.perf_counter() - t0
@@ -270,11 +287,21 @@ class UtioRunnerMixin:
         self._utio_record(plan.levels, plan.query_start_loc, result, forward_s)
         return result.hidden
 
-    def _utio_step_plan(self, cm: Any, levels: np.ndarray) -> StepPlan:
+    def _utio_path_reason(self, cm: Any, levels: np.ndarray, throttled: Any | None) -> str | None:
+        """Why this step needs UTIO's layer loop (None: vLLM's model), see step_path."""
+        selector = self._utio_selector
+        over_budget = selector is not None and selector.restricts_any(cm.seq_lens_cpu_upper_bound)
+        facts = StepFacts(levels, throttled is not None or over_budget, self._utio_routable[0])
+        return layer_loop_reason(self.utio_cfg, facts)
+
+    def _utio_step_plan(
+        self, cm: Any, levels: np.ndarray, qsl: np.ndarray, throttled: Any | None
+    ) -> StepPlan:
+        """The executor's view of the step; ``throttled``: the CM with the throttle/vslash
+        rows restricted (None: no such row), from :meth:`_utio_throttle`."""
         from vllm.forward_context import get_forward_context, override_forward_context
 
         ctx = get_forward_context()
-        qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
         step_slots = ctx.slot_mapping
         source = {"cm": cm}  # sub-batches derive from this CM (restricted if rows are sparse)
 
@@ -285,7 +312,6 @@ class UtioRunnerMixin:
             finally:
                 self._utio_recorder.recording = True
 
-        throttled = self._utio_throttle(cm, levels, qsl)
         if throttled is not None:
             # sparse rows: every sub-batch (the full one too) derives from the restricted CM
             source["cm"] = throttled

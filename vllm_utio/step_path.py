@@ -1,0 +1,61 @@
+"""Which path a step takes: vLLM's own model (compiled unless ``enforce_eager``) or
+UTIO's layer loop.
+
+UTIO's layer loop runs eagerly, layer by layer; vLLM's model on CPU is one
+``torch.compile``d graph. A step needs the loop only when it does something vLLM's model
+cannot: run a row below full depth, restrict the KV blocks a row reads, or observe a
+signal inside the forward. Every other step runs vLLM's model, so UTIO costs nothing there.
+
+Where each router's signals come from:
+
+| router | signal | where it is taken | vLLM's model? |
+|---|---|---|---|
+| ``surrogate`` | entropy, varentropy | the step's logits (before sampling) | yes |
+| ``surrogate`` | outlier-ness | the final hidden states (before sampling) | yes |
+| ``surrogate`` | attention heat | the heat layer's attention output and values | no: layer loop |
+| ``probe`` | residual stream | the routing layer, mid-forward | no, if a row is routable |
+| ``forced`` | none | (the request's pinned bucket) | yes |
+
+So a surrogate router with ``attention_heat`` > 0 keeps every step of a routing engine in
+the loop (its next-step scores would change otherwise); with weight 0 only steps that
+route a row below full depth do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vllm_utio.config import UtioConfig
+
+# why a step runs UTIO's layer loop (None: vLLM's model)
+BELOW_FULL_DEPTH = "a row runs below full depth"
+SPARSE_ROWS = "a decode row reads a restricted set of KV blocks"
+MID_FORWARD_ROUTING = "a routable row is routed mid-forward (probe)"
+HEAT_SIGNAL = "the surrogate score needs the heat layer's attention"
+
+
+@dataclass(frozen=True)
+class StepFacts:
+    """What the runner knows about a step once its rows are routed."""
+
+    levels: np.ndarray  # depth level per row (0 = full depth)
+    sparse_rows: bool  # any decode row under a throttle/vslash, or a select row over budget
+    routable: np.ndarray  # per row: may a router move it below full depth
+
+
+def layer_loop_reason(cfg: UtioConfig, facts: StepFacts) -> str | None:
+    """Why this step must run UTIO's layer loop, or None if vLLM's model computes exactly
+    what the loop would (every row full depth, dense, no signal taken mid-forward)."""
+    if facts.levels.any():
+        return BELOW_FULL_DEPTH
+    if facts.sparse_rows:
+        return SPARSE_ROWS
+    if not cfg.buckets:
+        return None  # nothing to route: no signal is read
+    if cfg.router == "probe" and facts.routable.any():
+        return MID_FORWARD_ROUTING
+    if cfg.router == "surrogate" and cfg.signal.attention_heat > 0.0:
+        return HEAT_SIGNAL
+    return None
