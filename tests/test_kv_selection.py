@@ -14,8 +14,11 @@ from vllm_utio.kv_selection import (
     always_kept,
     block_bound,
     budget_blocks,
+    combine_heads,
+    head_bounds,
     held_mask,
     packed_bound,
+    plan_selection,
     restrict_rows,
     select_blocks,
 )
@@ -130,6 +133,55 @@ def test_top_p_stops_early_but_never_beyond_the_budget():
     assert select_blocks(bound, lens, bs, sharp)[0][0].nonzero().flatten().tolist() == [0, 1, 7]
     flat = SelectRule(1, 32, 4 * bs, top_p=0.99, scale=1.0)
     assert select_blocks(torch.zeros(1, 8), lens, bs, flat)[0][0].sum() == 4
+
+
+@pytest.mark.parametrize("top_p", [None, 0.8])
+def test_a_plan_reused_across_layers_chooses_what_planning_per_call_does(top_p):
+    # the engine plans once per step from the rows' lengths and reuses it at every layer
+    bs, gen = 32, torch.Generator().manual_seed(3)
+    lens = torch.randint(bs, 40 * bs, (6,), generator=gen)
+    width = int((lens.max() + bs - 1) // bs)
+    rule = SelectRule(2, 96, 8 * bs, top_p=top_p, scale=0.125)
+    plan = plan_selection(lens, bs, rule, width)
+    for _ in range(4):  # four layers' bounds
+        bound = torch.randn(len(lens), width, generator=gen) * 20
+        held = torch.rand(len(lens), width, generator=gen) < 0.1
+        planned = select_blocks(bound, lens, bs, rule, held, plan)
+        fresh = select_blocks(bound, lens, bs, rule, held)
+        assert all(torch.equal(a, b) for a, b in zip(planned, fresh, strict=True))
+        assert int(planned[1].sum(1).max()) <= 8  # never past the budget
+
+
+def test_share_rank_is_the_largest_per_head_softmax_share():
+    gen = torch.Generator().manual_seed(5)
+    rows, kv_heads, heads, dim, width = 3, 3, 9, 8, 6
+    keys = torch.randn(kv_heads, rows, width, dim, generator=gen)
+    packed = torch.cat([keys, -keys], dim=-1)  # one-key blocks: max = min = the key
+    query = torch.randn(rows, heads, dim, generator=gen)
+    valid = torch.arange(width)[None, :] < torch.tensor([[6], [4], [1]])
+    per_head = head_bounds(query, packed)
+    assert torch.equal(combine_heads(per_head, "bound", valid, 0.5), packed_bound(query, packed))
+    share = combine_heads(per_head, "share", valid, 0.5)
+    for r in range(rows):
+        n = int(valid[r].sum())
+        naive = torch.stack(
+            [torch.softmax(0.5 * per_head[g, r, h, :n], 0) for g in range(3) for h in range(3)]
+        ).amax(0)
+        assert torch.allclose(share[r, :n], naive)
+    with pytest.raises(ValueError, match="'bound' or 'share'"):
+        combine_heads(per_head, "mean", valid, 0.5)
+
+
+def test_share_lets_a_small_query_head_rank_its_sharp_block_in():
+    # head 0 (large queries) prefers blocks 0, 2, 3, 4 mildly; head 1 (small queries)
+    # attends block 1 sharply. The raw bound ranks block 1 last, the share first.
+    keys = torch.tensor([[1.0, 0], [0, 5], [0.9, 0], [0.8, 0], [0.8, 0]])
+    packed = torch.cat([keys, -keys], dim=-1).reshape(1, 1, 5, 4)
+    query = torch.tensor([[[10.0, 0], [0, 1]]])  # [R=1, H=2, D=2], one KV head
+    per_head = head_bounds(query, packed)
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    assert combine_heads(per_head, "bound", valid, 1.0).argsort(descending=True)[0, -1] == 1
+    assert combine_heads(per_head, "share", valid, 1.0).argmax() == 1
 
 
 def test_restrict_rows_matches_the_per_row_reference():

@@ -112,8 +112,9 @@ def block_bound(
     return torch.maximum(q * lo, q * hi).sum(-1).amax(dim=(2, 3))
 
 
-def packed_bound(query: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """:func:`block_bound` from :meth:`BlockSummaries.gather`'s ``[G, R, NB, 2D]``.
+def head_bounds(query: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """``[G, R, H/G, NB]``: each query head's q.k bound per block, from
+    :meth:`BlockSummaries.gather`'s ``[G, R, NB, 2D]`` and ``query`` ``[R, H, D]``.
 
     ``max(q_c * min_c, q_c * max_c)`` is ``q_c * max_c`` where ``q_c >= 0`` and
     ``(-q_c) * (-min_c)`` elsewhere, so the bound is one batched matmul of
@@ -125,8 +126,34 @@ def packed_bound(query: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     q = query.float().reshape(rows, kv_heads, heads // kv_heads, dim).transpose(0, 1)
     q_split = torch.cat([q.clamp(min=0), (-q).clamp(min=0)], dim=-1)  # [G, R, H/G, 2D]
     # queries on the left: a wide [H/G, NB] output is ~4x faster than [NB, H/G] on CPU
-    bound = torch.matmul(q_split, packed.transpose(-1, -2))  # [G, R, H/G, NB]
-    return bound.amax(2).amax(0)
+    return torch.matmul(q_split, packed.transpose(-1, -2))
+
+
+def packed_bound(query: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """:func:`block_bound` (max over query heads) from the packed summaries."""
+    return head_bounds(query, packed).amax(2).amax(0)
+
+
+def combine_heads(
+    per_head: torch.Tensor, heads: str, valid: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``[R, NB]`` rank of each block from :func:`head_bounds`' ``[G, R, H/G, NB]``.
+
+    - ``"bound"``: the highest bound over the query heads (:func:`packed_bound`).
+    - ``"share"``: the largest share of one head's attention the block is estimated to
+      take: each head's ``scale * bound`` softmaxed over the row's ``valid`` ``[R, NB]``
+      blocks. A bound overestimates a block's logit, so this is an estimate, not a bound;
+      what it buys is that every head's sharpest blocks compete, whatever the size of
+      that head's queries.
+    """
+    if heads == "bound":
+        return per_head.amax(2).amax(0)
+    if heads != "share":
+        raise ValueError(f"heads must be 'bound' or 'share', not {heads!r}")
+    logits = (scale * per_head).masked_fill(
+        ~valid.to(per_head.device)[None, :, None, :], float("-inf")
+    )
+    return torch.softmax(logits, dim=-1).amax(2).amax(0)
 
 
 @dataclass(frozen=True)
@@ -159,12 +186,45 @@ def always_kept(seq_lens: torch.Tensor, block_size: int, rule: SelectRule) -> to
     return (idx < rule.sink_blocks) | ((idx >= nb - recent.reshape(-1, 1)) & (idx < nb))
 
 
+@dataclass(frozen=True)
+class SelectPlan:
+    """The layer-independent part of :func:`select_blocks` for a set of rows: built once
+    per step, reused at every selecting layer (only the bounds change per layer)."""
+
+    seq_lens: torch.Tensor  # [R] long, CPU
+    valid: torch.Tensor  # [R, NB] the row's blocks
+    base: torch.Tensor  # [R, NB] sinks + recent window (always kept)
+    take_slots: torch.Tensor  # [R, k] whether the row takes its i-th ranked candidate
+    k: int  # ranked candidates per row at most
+
+
+def plan_selection(
+    seq_lens: torch.Tensor, block_size: int, rule: SelectRule, width: int | None = None
+) -> SelectPlan:
+    """What :func:`select_blocks` can decide from the rows' lengths alone; ``width``: the
+    bounds' block axis (default: the longest row's blocks)."""
+    seq_lens = seq_lens.to(torch.long).cpu()
+    num_blocks = (seq_lens + block_size - 1) // block_size
+    if width is None:
+        width = int(num_blocks.max()) if len(seq_lens) else 0
+    valid = torch.arange(width).reshape(1, -1) < num_blocks.reshape(-1, 1)
+    base = always_kept(seq_lens, block_size, rule)
+    if base.shape[1] < width:
+        base = torch.nn.functional.pad(base, (0, width - base.shape[1]))
+    base &= valid
+    extra = (budget_blocks(rule.budget_tokens, block_size) - base.sum(1)).clamp(min=0)
+    k = min(int(extra.max()) if len(seq_lens) else 0, width)
+    take_slots = torch.arange(k).reshape(1, -1) < extra.reshape(-1, 1)
+    return SelectPlan(seq_lens, valid, base, take_slots, k)
+
+
 def select_blocks(
     bound: torch.Tensor,
     seq_lens: torch.Tensor,
     block_size: int,
     rule: SelectRule,
     held: torch.Tensor | None = None,
+    plan: SelectPlan | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``[R, NB]`` bool masks: the logical blocks each row reads, and the ranked ones.
 
@@ -174,32 +234,24 @@ def select_blocks(
     ones), or, with ``top_p``, until the kept blocks hold that share of the estimated
     attention mass (softmax of ``scale * bound`` weighted by tokens per block). ``held``
     ``[R, NB]`` (blocks ranked on a recent step, see :class:`HeldBlocks`) are read too,
-    on top of the budget.
+    on top of the budget. ``plan``: :func:`plan_selection` of the same rows and rule,
+    when the caller reuses it across layers.
     """
-    seq_lens = seq_lens.to(torch.long).cpu()
+    if plan is None:
+        plan = plan_selection(seq_lens, block_size, rule, bound.shape[1])
     bound = bound.float().cpu()
-    rows, width = bound.shape
-    num_blocks = (seq_lens + block_size - 1) // block_size
-    idx = torch.arange(width).reshape(1, -1)
-    valid = idx < num_blocks.reshape(-1, 1)
-    kept = always_kept(seq_lens, block_size, rule)
-    if kept.shape[1] < width:
-        kept = torch.nn.functional.pad(kept, (0, width - kept.shape[1]))
-    kept &= valid
-    budget = budget_blocks(rule.budget_tokens, block_size)
-    extra = (budget - kept.sum(1)).clamp(min=0)  # [R] blocks left for the ranking
+    valid, kept = plan.valid, plan.base
     ranked = torch.zeros_like(valid)
-    k = min(int(extra.max()) if rows else 0, width)
-    if k > 0:
+    if plan.k > 0:
         score = bound.masked_fill(~valid | kept, float("-inf"))
-        top_score, top = torch.topk(score, k, dim=1)  # best first
-        take = (torch.arange(k).reshape(1, -1) < extra.reshape(-1, 1)) & (top_score > -1e38)
+        top_score, top = torch.topk(score, plan.k, dim=1)  # best first
+        take = plan.take_slots & (top_score > -1e38)
         if rule.top_p is not None:
-            take &= _within_top_p(bound, valid, kept, top, seq_lens, block_size, rule)
+            take &= _within_top_p(bound, valid, kept, top, plan.seq_lens, block_size, rule)
         ranked.scatter_(1, top, take)
     out = kept | ranked
     if held is not None:
-        out |= held[:, :width] & valid
+        out |= held[:, : out.shape[1]] & valid
     return out, ranked
 
 

@@ -142,3 +142,17 @@ def build_metadata(cm: Any, attn_groups: list[list[Any]]) -> dict[str, Any]:
             for name in group.layer_names:
                 attn_metadata[name] = md
     return attn_metadata
+
+
+# Backend metadata classes that use the block table only as their ``block_table`` field:
+# the CPU backend plans its work (``scheduler_metadata``) from query and sequence lengths
+# alone, so metadata for the same lengths and another table is a field swap, not a build.
+_TABLE_ONLY_METADATA = frozenset({"CPUAttentionMetadata"})
+
+
+def with_block_table(metadata: Any, block_table: torch.Tensor) -> Any | None:
+    """``metadata`` reading ``block_table`` instead (same lengths), or None where the
+    backend's metadata may depend on the table in other ways (build it then)."""
+    if type(metadata).__name__ not in _TABLE_ONLY_METADATA:
+        return None
+    return replace(metadata, block_table=block_table)

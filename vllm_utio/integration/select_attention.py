@@ -24,14 +24,18 @@ import numpy as np
 import torch
 
 from vllm_utio.config import AttentionPolicy
+from vllm_utio.integration.attention import with_block_table
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.kv_selection import (
     BlockSummaries,
     HeldBlocks,
+    SelectPlan,
     SelectRule,
     budget_blocks,
+    combine_heads,
+    head_bounds,
     held_mask,
-    packed_bound,
+    plan_selection,
     restrict_rows,
     select_blocks,
 )
@@ -49,6 +53,33 @@ class _Current:
     local: list[int]
     rules: list[AttentionPolicy]
     held: torch.Tensor | None = None  # [rows, L, max_blocks] HeldBlocks state, if any holds
+
+
+@dataclasses.dataclass
+class _Built:
+    """The last restricted metadata built this step, and what it was built for."""
+
+    common: Any  # the sub-batch's CommonAttentionMetadata
+    rows: list[int]  # its restricted (sub-batch-local) rows
+    kept: torch.Tensor  # [rows, NB] kept-block mask
+    lens: torch.Tensor  # [rows] restricted sequence lengths
+    metadata: Any  # backend metadata (one KV-cache group: every layer shares it)
+
+
+@dataclasses.dataclass
+class _Rows:
+    """The select rows one layer restricts and what depends only on their lengths (the
+    same for every layer until a rule's ``dense_layers`` changes the set)."""
+
+    common: Any  # the sub-batch's CommonAttentionMetadata
+    chosen: list[int]  # positions in _Current.local / rules
+    local: list[int]  # sub-batch rows
+    local_t: torch.Tensor
+    seq_lens: torch.Tensor  # [R] long, CPU
+    table: torch.Tensor  # [R, NB] their physical blocks in logical order
+    query_rows: torch.Tensor  # [R] each row's query token in the sub-batch
+    held_rows: torch.Tensor  # [R] positions in _Current.held
+    groups: list[tuple[torch.Tensor, AttentionPolicy, SelectPlan]]  # per distinct policy
 
 
 class QueryAwareSelector:
@@ -74,7 +105,8 @@ class QueryAwareSelector:
         self._current: _Current | None = None
         self._build: BuildMetadata | None = None
         self._saved: dict[int, Any] = {}
-        self._reuse: tuple[Any, torch.Tensor, dict[str, Any]] | None = None
+        self._reuse: _Built | None = None
+        self._rows: _Rows | None = None
         self.saved_tokens = 0  # KV positions not read by select rows this step, over layers
 
     # --- set-up -------------------------------------------------------------------
@@ -133,6 +165,16 @@ class QueryAwareSelector:
         self._build = build
         self._req_ids = req_ids
         self._reuse = None
+        self._rows = None
+
+    def restricts_any(self, seq_lens: torch.Tensor) -> bool:
+        """Whether a select row of this step has more context than its budget (``seq_lens``
+        per persistent row); if none has, every layer reads everything, unscored."""
+        bs = self.block_size
+        return any(
+            int(seq_lens[row]) > bs * budget_blocks(policy.budget_tokens, bs)
+            for row, policy in self.policies.items()
+        )
 
     def forget(self, req_id: str) -> None:
         """A finished request's held blocks go (summaries belong to blocks, not requests)."""
@@ -192,8 +234,9 @@ class QueryAwareSelector:
 
         return hook
 
-    def _layer_metadata(self, index: int, query: torch.Tensor, cur: _Current) -> Any | None:
-        """Backend metadata of this layer with the select rows restricted (None: none)."""
+    def _rows_at(self, index: int, cur: _Current) -> _Rows | None:
+        """The select rows restricted at layer ``index`` (None: none), with everything
+        that depends only on their lengths; reused by every layer with the same rows."""
         cm = cur.common
         upper_all = cm.seq_lens_cpu_upper_bound
         bs = self.block_size
@@ -206,21 +249,56 @@ class QueryAwareSelector:
         ]
         if not chosen:
             return None
+        last = self._rows
+        if last is not None and last.common is cm and last.chosen == chosen:
+            return last
         local = [cur.local[j] for j in chosen]
         rules = [cur.rules[j] for j in chosen]
         local_t = torch.as_tensor(local, dtype=torch.long)
-        qsl = cm.query_start_loc_cpu
         seq_lens = upper_all[local_t].to(torch.long)
-        table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device)]
-        rows_q = query[qsl[local_t].to(query.device)]
-        kept = self._kept(index, rows_q, table, seq_lens, rules, cur, chosen)
+        width = int(((seq_lens + bs - 1) // bs).max())
+        table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device), :width]
+        groups = []
+        for policy in dict.fromkeys(rules):  # distinct policies, in first-seen order
+            mask = torch.tensor([r == policy for r in rules])
+            rule = _rule(policy, bs, 1.0)
+            groups.append((mask, policy, plan_selection(seq_lens[mask], bs, rule, width)))
+        self._rows = _Rows(
+            cm,
+            chosen,
+            local,
+            local_t,
+            seq_lens,
+            table,
+            cm.query_start_loc_cpu[local_t],
+            torch.as_tensor(chosen, dtype=torch.long),
+            groups,
+        )
+        return self._rows
+
+    def _layer_metadata(self, index: int, query: torch.Tensor, cur: _Current) -> Any | None:
+        """Backend metadata of this layer with the select rows restricted (None: none)."""
+        rows = self._rows_at(index, cur)
+        if rows is None:
+            return None
+        cm = cur.common
+        kept = self._kept(index, query[rows.query_rows.to(query.device)], rows, cur)
         width = kept.shape[1]
-        new_rows, new_lens = restrict_rows(table[:, :width].cpu(), seq_lens, kept, self.block_size)
-        self.saved_tokens += int((seq_lens - new_lens).sum())
-        if self._reuse is not None and self._reuse[0] is cm and torch.equal(self._reuse[1], kept):
-            return self._reuse[2][self.stack.layer_name(index)]
+        new_rows, new_lens = restrict_rows(rows.table.cpu(), rows.seq_lens, kept, self.block_size)
+        self.saved_tokens += int((rows.seq_lens - new_lens).sum())
+        local, local_t = rows.local, rows.local_t
+        last = self._reuse
+        same_rows = last is not None and last.common is cm and last.rows == local
+        if same_rows and torch.equal(last.kept, kept):
+            return last.metadata
         full_table = cm.block_table_tensor.clone()
         full_table[local_t.to(full_table.device), :width] = new_rows.to(full_table.device)
+        if same_rows and torch.equal(last.lens, new_lens):
+            # same lengths, other blocks (the usual case: a fixed budget): swap the table
+            patched = with_block_table(last.metadata, full_table)
+            if patched is not None:
+                self._reuse = _Built(cm, local, kept, new_lens, patched)
+                return patched
         # only the select rows change; the others keep their exact lengths
         upper = cm.seq_lens_cpu_upper_bound.clone()
         upper[local_t] = new_lens.to(upper.dtype)
@@ -233,47 +311,45 @@ class QueryAwareSelector:
             seq_lens_cpu_upper_bound=upper,
             max_seq_len=int(upper.max()),
         )
-        metadata = self._build(restricted)
-        self._reuse = (cm, kept, metadata)
-        return metadata[self.stack.layer_name(index)]
+        metadata = self._build(restricted)[self.stack.layer_name(index)]
+        self._reuse = _Built(cm, local, kept, new_lens, metadata)
+        return metadata
 
-    def _kept(
-        self,
-        index: int,
-        query: torch.Tensor,
-        table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        rules: list[AttentionPolicy],
-        cur: _Current,
-        chosen: list[int],
-    ) -> torch.Tensor:
+    def _kept(self, index: int, query: torch.Tensor, rows: _Rows, cur: _Current) -> torch.Tensor:
         """``[R, NB]`` kept-block mask of the select rows (grouped by policy); records
         the ranked blocks of rows that hold them."""
         bs = self.block_size
-        width = int(((seq_lens + bs - 1) // bs).max())
         summaries = self.summaries
-        packed = summaries.gather(index, table[:, :width])  # [G, R, NB, 2D]
+        packed = summaries.gather(index, rows.table)  # [G, R, NB, 2D]
         heads = query.shape[-1] // summaries.head_size
-        bound = packed_bound(query.reshape(len(seq_lens), heads, -1), packed).cpu()
+        per_head = head_bounds(query.reshape(len(rows.local), heads, -1), packed)
         scale = self.stack.attention_scale(index)
-        kept = torch.zeros(bound.shape, dtype=torch.bool)
-        held_rows = torch.as_tensor(chosen, dtype=torch.long)
-        for policy in set(rules):
-            mask = torch.tensor([r == policy for r in rules])
-            rule = SelectRule(
-                policy.sink_tokens // bs,
-                policy.recent_tokens,
-                policy.budget_tokens,
-                policy.top_p,
-                scale,
-                policy.hold_steps,
-            )
+        if len(rows.groups) == 1 and not rows.groups[0][1].hold_steps:  # the usual case
+            _, policy, plan = rows.groups[0]
+            rank = combine_heads(per_head, policy.heads, plan.valid, scale).cpu()
+            return select_blocks(rank, plan.seq_lens, bs, _rule(policy, bs, scale), plan=plan)[0]
+        width = per_head.shape[-1]
+        kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
+        for mask, policy, plan in rows.groups:
+            rule = _rule(policy, bs, scale)
+            rank = combine_heads(per_head[:, mask], policy.heads, plan.valid, scale).cpu()
             held = None
             if rule.hold_steps and cur.held is not None:
-                last = cur.held[held_rows[mask], index, :width]  # [r, NB]
-                held = held_mask(last, seq_lens[mask], rule.hold_steps)
-            kept[mask], ranked = select_blocks(bound[mask], seq_lens[mask], bs, rule, held)
+                last = cur.held[rows.held_rows[mask], index, :width]  # [r, NB]
+                held = held_mask(last, plan.seq_lens, rule.hold_steps)
+            kept[mask], ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
             if held is not None:
-                stamp = torch.where(ranked, seq_lens[mask].to(torch.int32).reshape(-1, 1), last)
-                cur.held[held_rows[mask], index, :width] = stamp
+                stamp = torch.where(ranked, plan.seq_lens.to(torch.int32).reshape(-1, 1), last)
+                cur.held[rows.held_rows[mask], index, :width] = stamp
         return kept
+
+
+def _rule(policy: AttentionPolicy, block_size: int, scale: float) -> SelectRule:
+    return SelectRule(
+        policy.sink_tokens // block_size,
+        policy.recent_tokens,
+        policy.budget_tokens,
+        policy.top_p,
+        scale,
+        policy.hold_steps,
+    )
