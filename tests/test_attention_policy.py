@@ -188,6 +188,11 @@ def test_vslash_config_errors():
     msg = err({"policy": "select", "dense_layers": 30})
     assert "'attention_all.dense_layers': value 30" in msg and "0..29" in msg
     assert "'attention_all.top_p': value 1.5" in err({"policy": "select", "top_p": 1.5})
+    msg = err({"policy": "select", "heads": "mean"})
+    assert "'attention_all.heads': value 'mean'" in msg and "'bound' or 'share'" in msg
+    assert "heads only apply to policy 'select'" in err({"policy": "throttle", "heads": "share"})
+    msg = err({"policy": "select", "heads": "share", "top_p": 0.9})
+    assert "needs heads='bound'" in msg
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg

@@ -89,6 +89,14 @@ class AttentionPolicy(_Strict):
         "attention mass estimated from the bounds (capped by budget_tokens); unset: fill the "
         "budget.",
     )
+    heads: Literal["bound", "share"] = Field(
+        default="bound",
+        description="select: how the query heads' views of a block combine into its rank "
+        "(one block table serves every head). 'bound': the highest q.k bound over the "
+        "heads; 'share': the highest share of a head's attention the block is estimated to "
+        "take (each head's bounds softmaxed over the row's blocks), so a head whose queries "
+        "are small still gets its sharpest block in.",
+    )
     hold_steps: int = Field(
         default=0,
         ge=0,
@@ -101,7 +109,7 @@ class AttentionPolicy(_Strict):
     def _policy_fields(self) -> AttentionPolicy:
         own = {
             "vslash": {"vertical_blocks", "slash_offsets"},
-            "select": {"budget_tokens", "dense_layers", "top_p", "hold_steps"},
+            "select": {"budget_tokens", "dense_layers", "top_p", "hold_steps", "heads"},
         }
         for policy, fields in own.items():
             stray = sorted(fields & self.model_fields_set) if self.policy != policy else []
@@ -110,6 +118,11 @@ class AttentionPolicy(_Strict):
                     f"{' and '.join(stray)} only apply to policy {policy!r}, not "
                     f"{self.policy!r}; set policy={policy!r} or remove them"
                 )
+        if self.top_p is not None and self.heads == "share":
+            raise ValueError(
+                "top_p estimates attention mass from q.k bounds and needs heads='bound'; "
+                "with heads='share' leave top_p unset"
+            )
         return self
 
     @field_validator("slash_offsets")
