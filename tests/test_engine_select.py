@@ -162,16 +162,25 @@ def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm,
 def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, prompts):
     prompts = [prompts[0], prompts[0]]
     dense = _greedy(select_llm, prompts[:1], [None], salt="opt-dense")[0]
+    _stats(select_llm)
     tiny = _greedy(select_llm, prompts[:1], [{"utio_bucket": "tiny"}], salt="opt-tiny")[0]
+    alone = _stats(select_llm)
     mixed = _greedy(
         select_llm,
         prompts,
         [{"utio_bucket": "tiny", "utio_attention": "dense"}, {"utio_bucket": "tiny"}],
         salt="opt-mixed",
     )
+    together = _stats(select_llm)
     assert tiny != dense
     assert mixed[0] == dense
-    assert mixed[1] == tiny
+    # The neighbour stays sparse: it leaves out exactly the positions it leaves out alone
+    # (a count fixed by lengths and budget). Its tokens are not compared with the lone
+    # run's: under a 64-token budget greedy choices are fragile, and on AMX machines bf16
+    # GEMMs round differently for another batch shape (they diverged at token 19 there).
+    skipped = [s["kv_tokens_dense"] - s["kv_tokens_read"] for s in (alone, together)]
+    assert skipped[0] == skipped[1] > 0, skipped
+    assert mixed[1] != dense
 
 
 def _summaries_vs_cache(wrapper, req_ids: list[str]) -> dict:
