@@ -12,7 +12,9 @@ layer's own post-RoPE query (Quest, Tang et al., ICML 2024):
   q_c * max_c)`` is >= ``q . k`` for every key of the block (:func:`block_bound`, and
   :func:`packed_bound`, the same in one matmul). One block table serves every head, so
   heads are combined by the maximum (a block one head retrieves sharply must not be
-  averaged away).
+  averaged away); ``heads: "share"`` takes the maximum of each head's estimated
+  attention share instead (:func:`combine_heads`; measured no better on the default
+  model).
 - **Selection** (:func:`select_blocks`): rows whose whole context fits the budget read
   everything (no scoring). Otherwise sinks and the recent window are always kept; the
   remaining budget goes to the blocks with the highest bound, optionally stopping early

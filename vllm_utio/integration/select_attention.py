@@ -8,8 +8,9 @@ per layer from that layer's own query (the spec is :mod:`vllm_utio.kv_selection`
 - A forward pre-hook on each attention layer from the first layer any ``select`` policy
   selects in: between the query projection (+RoPE) and the attention call it scores the
   current sub-batch's select rows, restricts their block-table rows, builds the backend
-  metadata for that layer (reused while consecutive layers keep the same blocks) and
-  swaps it into the forward context; a post-hook puts the step's metadata back.
+  metadata for that layer and swaps it into the forward context; a post-hook puts the
+  step's metadata back. A later layer whose restricted lengths are the same (a fixed
+  budget) reuses that metadata with only its block table swapped.
 """
 
 from __future__ import annotations
