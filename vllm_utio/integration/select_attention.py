@@ -171,11 +171,12 @@ class QueryAwareSelector:
     def restricts_any(self, seq_lens: torch.Tensor) -> bool:
         """Whether a select row of this step has more context than its budget (``seq_lens``
         per persistent row); if none has, every layer reads everything, unscored."""
+        return any(self._over_budget(int(seq_lens[row]), p) for row, p in self.policies.items())
+
+    def _over_budget(self, seq_len: int, policy: AttentionPolicy) -> bool:
+        """Whether a row of ``seq_len`` positions has more than ``policy``'s budget buys."""
         bs = self.block_size
-        return any(
-            int(seq_lens[row]) > bs * budget_blocks(policy.budget_tokens, bs)
-            for row, policy in self.policies.items()
-        )
+        return seq_len > bs * budget_blocks(policy.budget_tokens, bs)
 
     def forget(self, req_id: str) -> None:
         """A finished request's held blocks go (summaries belong to blocks, not requests)."""
@@ -245,8 +246,7 @@ class QueryAwareSelector:
         chosen = [
             j
             for j, rule in enumerate(cur.rules)
-            if index >= rule.dense_layers
-            and int(upper_all[cur.local[j]]) > bs * budget_blocks(rule.budget_tokens, bs)
+            if index >= rule.dense_layers and self._over_budget(int(upper_all[cur.local[j]]), rule)
         ]
         if not chosen:
             return None
@@ -325,10 +325,6 @@ class QueryAwareSelector:
         heads = query.shape[-1] // summaries.head_size
         per_head = head_bounds(query.reshape(len(rows.local), heads, -1), packed)
         scale = self.stack.attention_scale(index)
-        if len(rows.groups) == 1 and not rows.groups[0][1].hold_steps:  # the usual case
-            _, policy, plan = rows.groups[0]
-            rank = combine_heads(per_head, policy.heads, plan.valid, scale).cpu()
-            return select_blocks(rank, plan.seq_lens, bs, _rule(policy, bs, scale), plan=plan)[0]
         width = per_head.shape[-1]
         kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
         for mask, policy, plan in rows.groups:
