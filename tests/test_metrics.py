@@ -49,6 +49,11 @@ def test_every_counter_reads_a_real_stats_key() -> None:
     keys = set(UtioStats.for_levels(["full"]).as_dict())
     for _, key, _ in metrics._COUNTERS + metrics._PER_LEVEL:
         assert key in keys, key
+    from vllm_utio.speculation import SpeculationStats
+
+    spec = set(SpeculationStats().as_dict())
+    for _, key, _ in metrics._SPEC_COUNTERS:
+        assert key in spec, key
 
 
 def test_formatting_from_stats_dict() -> None:

@@ -67,7 +67,7 @@ BAD = [
     (
         {"utio_foo": "x"},
         "utio_foo",
-        ["not a UTIO request control", "['utio_bucket', 'utio_attention']"],
+        ["not a UTIO request control", "['utio_bucket', 'utio_attention', 'utio_speculate']"],
     ),
     ({"utio_buckets": "shallow"}, "utio_buckets", ["allowed keys", "'utio_bucket'"]),
     # A bad control is refused even next to good and foreign keys.

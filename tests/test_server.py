@@ -199,7 +199,8 @@ BAD_XARGS = [
     ({"utio_bucket": "no_such_bucket"}, "utio_bucket", "['full', 'shallow']"),
     ({"utio_bucket": 7}, "utio_bucket", "['full', 'shallow']"),
     ({"utio_attention": "weird"}, "utio_attention", "['default', 'dense']"),
-    ({"utio_foo": "x"}, "utio_foo", "['utio_bucket', 'utio_attention']"),
+    ({"utio_foo": "x"}, "utio_foo", "['utio_bucket', 'utio_attention', 'utio_speculate']"),
+    ({"utio_speculate": "maybe"}, "utio_speculate", "['default', 'off']"),
 ]
 ENDPOINTS = {
     "/v1/chat/completions": {

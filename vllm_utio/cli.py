@@ -22,6 +22,10 @@ SUBCOMMANDS = {
         "vllm_utio.benchmarking.long_context",
         "long-context decode speed of sparse attention policies (dense vs throttle, ...)",
     ),
+    "bench-spec": (
+        "vllm_utio.benchmarking.speculative",
+        "self-speculation (UTIO drafts, full model verifies) vs vanilla and ngram",
+    ),
     "bench-serve": (
         "vllm_utio.benchmarking.serving_suite",
         "serving: vllm serve with and without --enable-utio, ShareGPT prompts",

@@ -9,7 +9,14 @@ from typing import Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
-from vllm_utio.config import AttentionPolicy, BucketSpec, SignalWeights, UtioConfig
+from vllm_utio.config import (
+    AttentionPolicy,
+    BucketSpec,
+    DraftPlan,
+    SignalWeights,
+    SpeculateConfig,
+    UtioConfig,
+)
 
 HEADER = """# UTIO configuration
 
@@ -81,6 +88,20 @@ def render() -> str:
         (AttentionPolicy.__doc__ or "").strip(),
         "",
         *_table(AttentionPolicy),
+        "",
+    ]
+    out += [
+        "## `utio.speculate`",
+        "",
+        (SpeculateConfig.__doc__ or "").strip(),
+        "",
+        *_table(SpeculateConfig),
+        "",
+        "## `utio.speculate.draft`",
+        "",
+        (DraftPlan.__doc__ or "").strip(),
+        "",
+        *_table(DraftPlan),
         "",
     ]
     out += [

@@ -8,6 +8,8 @@ sends e.g. ``{"vllm_xargs": {"utio_attention": "dense"}}``. The keys:
   decides mid-forward and honours it too.
 - ``utio_attention``: ``"dense"`` opts the request out of every sparse attention policy
   (its decode tokens read the whole cache); ``"default"`` keeps the configured policy.
+- ``utio_speculate``: ``"off"`` opts the request out of self-speculation (plain decode
+  steps; the output is the same, speculation is lossless); ``"default"`` keeps it.
 
 Values are names, never paths. Every other ``utio_*`` key, a value of the wrong type or
 an unknown name is refused with a message naming the field and the allowed values (the
@@ -26,8 +28,10 @@ from vllm_utio.config import UtioConfig
 BUCKET_KEY = "utio_bucket"
 ATTENTION_KEY = "utio_attention"
 ATTENTION_VALUES = ("default", "dense")
+SPECULATE_KEY = "utio_speculate"
+SPECULATE_VALUES = ("default", "off")
 FULL_DEPTH = "full"
-KEYS = (BUCKET_KEY, ATTENTION_KEY)
+KEYS = (BUCKET_KEY, ATTENTION_KEY, SPECULATE_KEY)
 # ``utio_*`` keys owned by other parts of the plugin, not judged here.
 FORCE_TOKENS_KEY = "utio_force_tokens"
 PASSTHROUGH_KEYS = (FORCE_TOKENS_KEY,)
@@ -57,6 +61,8 @@ def validate_request_controls(extra_args: Mapping[str, Any] | None, cfg: UtioCon
             _check_name(key, value, bucket_names(cfg))
         elif key == ATTENTION_KEY:
             _check_name(key, value, list(ATTENTION_VALUES))
+        elif key == SPECULATE_KEY:
+            _check_name(key, value, list(SPECULATE_VALUES))
         else:
             raise RequestControlError(
                 f"{key!r} is not a UTIO request control; allowed keys: {list(KEYS)}",
@@ -87,3 +93,8 @@ def pinned_bucket(extra_args: Mapping[str, Any] | None) -> str | None:
 def wants_dense(extra_args: Mapping[str, Any] | None) -> bool:
     """Whether the request opted out of sparse attention."""
     return (extra_args or {}).get(ATTENTION_KEY) == "dense"
+
+
+def wants_no_speculation(extra_args: Mapping[str, Any] | None) -> bool:
+    """Whether the request opted out of self-speculation."""
+    return (extra_args or {}).get(SPECULATE_KEY) == "off"

@@ -3,8 +3,11 @@ UTIO's layer loop.
 
 UTIO's layer loop runs eagerly, layer by layer; vLLM's model on CPU is one
 ``torch.compile``d graph. A step needs the loop only when it does something vLLM's model
-cannot: run a row below full depth, restrict the KV blocks a row reads, or observe a
-signal inside the forward. Every other step runs vLLM's model, so UTIO costs nothing there.
+cannot: run a row below full depth, restrict the KV blocks a row reads differently per
+layer ('select'), or observe a signal inside the forward (a vslash estimate, attention heat,
+a probe). Every other step runs vLLM's model, so UTIO costs nothing there; a restriction
+that is the same at every layer (throttle, vslash without an estimate to take) runs there
+too, with the step's attention metadata rebuilt from the restricted block tables.
 
 Where each router's signals come from:
 
@@ -31,7 +34,7 @@ from vllm_utio.config import UtioConfig
 
 # why a step runs UTIO's layer loop (None: vLLM's model)
 BELOW_FULL_DEPTH = "a row runs below full depth"
-SPARSE_ROWS = "a decode row reads a restricted set of KV blocks"
+SPARSE_ROWS = "a decode row's KV blocks are chosen per layer, or a layer's query is read"
 MID_FORWARD_ROUTING = "a routable row is routed mid-forward (probe)"
 HEAT_SIGNAL = "the surrogate score needs the heat layer's attention"
 
@@ -41,7 +44,7 @@ class StepFacts:
     """What the runner knows about a step once its rows are routed."""
 
     levels: np.ndarray  # depth level per row (0 = full depth)
-    sparse_rows: bool  # any decode row under a throttle/vslash, or a select row over budget
+    sparse_rows: bool  # a select row over budget, or a vslash row whose verticals are estimated
     routable: np.ndarray  # per row: may a router move it below full depth
 
 

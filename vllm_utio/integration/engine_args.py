@@ -7,7 +7,8 @@
 - ``create_engine_config``: validates the UTIO config (clear errors before any
   process is spawned), selects the UTIO worker class, expands a calibration
   ``artifact`` (checked against the model), and checks model-dependent values once the
-  model's depth is known, and installs the admission check of per-request ``utio_*``
+  model's depth is known, sets vLLM's ``speculative_config`` for ``speculate``
+  (:mod:`.self_draft`), and installs the admission check of per-request ``utio_*``
   controls (:mod:`.request_validation`). With UTIO off it changes nothing.
 """
 
@@ -134,6 +135,8 @@ def _wrap_create_engine_config(cls: type) -> None:
             _select_worker(self)
             if cfg.artifact is not None:
                 cfg = _expand_artifact(self)
+            if cfg.speculate is not None:
+                _enable_self_speculation(self, cfg)
         vllm_config = original(self, *args, **kwargs)
         if cfg.enabled:
             model_config = vllm_config.model_config
@@ -175,6 +178,19 @@ def _expand_artifact(engine_args: Any) -> Any:
         cfg.router,
     )
     return cfg
+
+
+def _enable_self_speculation(engine_args: Any, cfg: Any) -> None:
+    """UTIO's ``speculate`` drives vLLM's own speculative decoding (custom proposer)."""
+    from vllm_utio.integration.self_draft import speculative_config
+
+    if engine_args.speculative_config:
+        raise UtioConfigError(
+            "UTIO config field 'speculate' sets vLLM's speculative decoding itself, but "
+            f"speculative_config is also set ({engine_args.speculative_config!r}); allowed: "
+            "one of them"
+        )
+    engine_args.speculative_config = speculative_config(cfg.speculate)
 
 
 def _select_worker(engine_args: Any) -> None:

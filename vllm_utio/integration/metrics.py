@@ -148,6 +148,34 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Time folding written keys into the block key summaries (policy 'select').",
     ),
 )
+# counters of self-speculation, served only by engines with 'speculate'
+_SPEC_COUNTERS: tuple[tuple[str, str, str], ...] = (
+    (
+        "utio_spec_drafted_tokens",
+        "spec_drafted_tokens",
+        "Draft tokens UTIO self-speculation proposed ('speculate').",
+    ),
+    (
+        "utio_spec_verified_tokens",
+        "spec_verified_tokens",
+        "Draft tokens vLLM's scheduler sent to verification.",
+    ),
+    (
+        "utio_spec_accepted_tokens",
+        "spec_accepted_tokens",
+        "Draft tokens the verification kept (the full model's own choice).",
+    ),
+    (
+        "utio_spec_verifications",
+        "spec_verifications",
+        "Request steps that verified at least one draft token.",
+    ),
+    (
+        "utio_spec_draft_seconds",
+        "spec_draft_s",
+        "Time in the draft forwards (all draft positions).",
+    ),
+)
 # (metric name, stats key, help text): values that go up and down
 _GAUGES: tuple[tuple[str, str, str], ...] = (
     ("utio_summary_bytes", "summary_bytes", "Memory of the block key summaries ('select')."),
@@ -192,6 +220,11 @@ def utio_metric_families(
         family = CounterMetricFamily(name, doc, labels=names)
         family.add_metric(values, float(stats.get(key, 0)))
         families.append(family)
+    for name, key, doc in _SPEC_COUNTERS:
+        if key in stats:
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, float(stats[key]))
+            families.append(family)
     for name, key, doc in _GAUGES:
         if key in stats:
             gauge = GaugeMetricFamily(name, doc, labels=names)

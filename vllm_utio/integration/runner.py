@@ -43,6 +43,7 @@ from vllm_utio.integration.attention import (
 )
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.integration.select_attention import QueryAwareSelector
+from vllm_utio.integration.self_draft import SelfDrafter
 from vllm_utio.log import get_logger
 from vllm_utio.plans import PlanSet
 from vllm_utio.request_controls import pinned_bucket, wants_dense
@@ -55,6 +56,7 @@ from vllm_utio.routing.bucketing import (
 )
 from vllm_utio.routing.probe import load_checked_probe
 from vllm_utio.routing.routers import RoutingBatch, levels_by_name, make_router
+from vllm_utio.speculation import SpeculationStats
 from vllm_utio.stats import StatsLogger, UtioStats
 from vllm_utio.step_path import StepFacts, layer_loop_reason
 
@@ -93,6 +95,10 @@ class UtioRunnerMixin:
         self._utio_estimate: VerticalEstimate | None = None
         self._utio_estimate_warned = False
         self._utio_selector: QueryAwareSelector | None = None  # policy 'select'
+        self._utio_drafter: SelfDrafter | None = None  # 'speculate'
+        # while drafting: the draft plan's policy and the draft batch's request ids
+        self._utio_policy_override: AttentionPolicy | None = None
+        self._utio_draft_req_ids: list[str] | None = None
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -128,6 +134,11 @@ class UtioRunnerMixin:
         self._utio_mid_sparse = cfg.attention_all is None and any(
             b.attention.policy != "dense" for b in cfg.buckets
         )
+        if cfg.speculate is not None:
+            bucket = cfg.speculate.draft.bucket
+            level = self._utio_pin_levels[bucket] if bucket is not None else 0
+            self._utio_drafter = SelfDrafter(self, cfg.speculate, level)
+            self._utio_draft_stats = UtioStats.for_levels(self.utio_stats.level_names)
         logger.info(
             "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
             num_layers,
@@ -198,7 +209,8 @@ class UtioRunnerMixin:
         req_ids = list(self.input_batch.req_ids[:n])
         scheduled = scheduler_output.num_scheduled_tokens
         tokens = np.array([scheduled.get(r, 0) for r in req_ids], dtype=np.int64)
-        if not cfg.buckets or n == 0:
+        if not cfg.buckets or n == 0 or cfg.speculate is not None:
+            # (with 'speculate', buckets are draft plans: target steps run full depth)
             return np.zeros(n, dtype=np.int64)
         routable = np.zeros(n, dtype=bool)
         extra: list[dict[str, Any] | None] = []
@@ -269,11 +281,13 @@ class UtioRunnerMixin:
         qsl = cm.query_start_loc_cpu.numpy()[: cm.num_reqs + 1]
         throttled = self._utio_throttle(cm, levels, qsl)
         if self._utio_path_reason(cm, levels, throttled) is None:
-            # nothing UTIO-specific this step: vLLM's own (compiled) model computes it
+            # nothing the layer loop must do: vLLM's own (compiled) model computes the step,
+            # reading the restricted blocks of throttle rows through swapped metadata
             t0 = time.perf_counter()
-            hidden = super()._model_forward(
-                input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
-            )
+            with self._utio_restricted(throttled):
+                hidden = super()._model_forward(
+                    input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
+                )
             self._utio_heat = None
             self.utio_stats.vllm_model_steps += 1
             self._utio_record(levels, qsl, StepResult(hidden), time.perf_counter() - t0)
@@ -291,8 +305,27 @@ class UtioRunnerMixin:
         """Why this step needs UTIO's layer loop (None: vLLM's model), see step_path."""
         selector = self._utio_selector
         over_budget = selector is not None and selector.restricts_any(cm.seq_lens_cpu_upper_bound)
-        facts = StepFacts(levels, throttled is not None or over_budget, self._utio_routable[0])
+        # vslash estimates its verticals from a layer's captured query: the loop captures
+        per_layer = over_budget or self._utio_estimate is not None
+        facts = StepFacts(levels, per_layer, self._utio_routable[0])
         return layer_loop_reason(self.utio_cfg, facts)
+
+    def _utio_restricted(self, throttled: Any | None) -> contextlib.AbstractContextManager:
+        """The step's forward context with the throttle rows' restricted metadata (the same
+        for every layer), or nothing to change."""
+        if throttled is None:
+            return contextlib.nullcontext()
+        from vllm.forward_context import get_forward_context, override_forward_context
+
+        t0 = time.perf_counter()
+        self._utio_recorder.recording = False
+        try:
+            metadata = build_metadata(throttled, self.attn_groups)
+        finally:
+            self._utio_recorder.recording = True
+        self._utio_mid_metadata_s += time.perf_counter() - t0
+        ctx = get_forward_context()
+        return override_forward_context(dataclasses.replace(ctx, attn_metadata=metadata))
 
     def _utio_step_plan(
         self, cm: Any, levels: np.ndarray, qsl: np.ndarray, throttled: Any | None
@@ -368,8 +401,17 @@ class UtioRunnerMixin:
             self._utio_kv_read = ((dense * (layers - after) + read * after) // layers, dense)
         self._utio_mid_metadata_s += time.perf_counter() - t0
 
+    def _utio_req_ids(self) -> list[str]:
+        """Request id of each row of the step's CM (the draft batch's while drafting)."""
+        if self._utio_draft_req_ids is not None:
+            return self._utio_draft_req_ids
+        return list(self.input_batch.req_ids)
+
     def _utio_policy_of_row(self, row: int, level: int) -> AttentionPolicy:
-        """The row's policy: dense if its request opted out (``utio_attention``)."""
+        """The row's policy: dense if its request opted out (``utio_attention``); a draft
+        row's is the draft plan's (drafts are verified, so the opt-out does not apply)."""
+        if self._utio_policy_override is not None:
+            return self._utio_policy_override
         params = self.requests[self.input_batch.req_ids[row]].sampling_params
         if wants_dense(params.extra_args if params is not None else None):
             return AttentionPolicy()
@@ -400,15 +442,13 @@ class UtioRunnerMixin:
                 policies[row] = policy
         if self._utio_selector is not None:
             self._utio_selector.begin_step(
-                selected,
-                lambda c: build_metadata(c, self.attn_groups),
-                list(self.input_batch.req_ids),
+                selected, lambda c: build_metadata(c, self.attn_groups), self._utio_req_ids()
             )
         if not policies:
             self._utio_kv_read = (dense_read, dense_read)
             return None
         table = cm.block_table_tensor.cpu().numpy()
-        req_ids = self.input_batch.req_ids
+        req_ids = self._utio_req_ids()
         selections = {
             row: self._utio_blocks(policy, int(seq_lens[row]), req_ids[row])
             for row, policy in policies.items()
@@ -466,7 +506,7 @@ class UtioRunnerMixin:
         blocks = table[rows, : int(num_blocks.max())].astype(np.int64)
         pad = np.arange(blocks.shape[1])[None, :] >= num_blocks[:, None]
         blocks[pad] = np.broadcast_to(blocks[:, :1], blocks.shape)[pad]  # any valid block
-        req_ids = [self.input_batch.req_ids[r] for r in rows.tolist()]
+        req_ids = [self._utio_req_ids()[r] for r in rows.tolist()]
         return VerticalEstimate(rows, req_ids, torch.from_numpy(blocks), lens)
 
     def _utio_estimate_verticals(self, captures: list[dict[str, Any]], qsl: np.ndarray) -> None:
@@ -529,7 +569,8 @@ class UtioRunnerMixin:
     # --- signals (after the step, before sampling) ----------------------------------
     def sample_tokens(self, grammar_output: Any) -> Any:
         state = self.execute_model_state
-        if state is not None and self._utio_executor is not None and self.utio_cfg.buckets:
+        cfg = self.utio_cfg
+        if state is not None and self._utio_executor and cfg.buckets and not cfg.speculate:
             t0 = time.perf_counter()
             self._utio_update_signals(state)
             self.utio_stats.routing_s += time.perf_counter() - t0
@@ -559,6 +600,30 @@ class UtioRunnerMixin:
         self._utio_ranked.pop(req_id, None)
         if self._utio_selector is not None:
             self._utio_selector.forget(req_id)
+        if self._utio_drafter is not None:
+            self._utio_drafter.forget(req_id)
+
+    # --- self-speculation (speculate): vLLM asks for drafts after its bookkeeping -----
+    def propose_draft_token_ids(self, scheduler_output: Any, sampled_token_ids: Any, *a, **k):
+        if self._utio_drafter is None:
+            return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *a, **k)
+        return self._utio_drafter.propose(scheduler_output, sampled_token_ids)
+
+    @contextlib.contextmanager
+    def _utio_drafting(self, cm: Any, levels: np.ndarray, req_ids: list[str]):
+        """Make ``_model_forward`` run a draft batch: its CM, levels, request ids and the
+        draft policy; its step counters go to the draft's stats, not the engine's."""
+        saved = (self._utio_recorder.common, self._utio_levels, self.utio_stats)
+        self._utio_recorder.common, self._utio_levels = cm, levels
+        self._utio_draft_req_ids = req_ids
+        self._utio_policy_override = self.utio_cfg.speculate.draft.attention
+        self.utio_stats = self._utio_draft_stats
+        try:
+            yield
+        finally:
+            self._utio_recorder.common, self._utio_levels, self.utio_stats = saved
+            self._utio_draft_req_ids = None
+            self._utio_policy_override = None
 
     # --- RPC-facing ----------------------------------------------------------------
     def utio_stats_dict(self, reset: bool = False) -> dict[str, Any]:
@@ -567,10 +632,20 @@ class UtioRunnerMixin:
         out["summary_bytes"] = summaries.nbytes if summaries is not None else 0  # a gauge
         # gauge: requests with UTIO per-request state (0 once no request is live)
         held = self._utio_selector.held.request_ids() if self._utio_selector else set()
+        drafter = self._utio_drafter
+        if drafter is not None:
+            held |= drafter.request_ids()
+            out.update(drafter.stats.as_dict())
+            draft = self._utio_draft_stats
+            out["spec_draft_kv_tokens_read"] = draft.kv_tokens_read
+            out["spec_draft_kv_tokens_dense"] = draft.kv_tokens_dense
         out["request_state_entries"] = len(set(self._utio_signals) | set(self._utio_ranked) | held)
         out["runner_class"] = type(self).__name__
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)
+            if drafter is not None:
+                drafter.stats = SpeculationStats()
+                self._utio_draft_stats = UtioStats.for_levels(self.utio_stats.level_names)
         return out
 
 

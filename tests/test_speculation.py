@@ -1,0 +1,122 @@
+"""The draft-count rule, the acceptance estimate, and the speculate config's checks."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_utio.config import UtioConfigError, parse_utio_config
+from vllm_utio.integration.self_draft import draft_read, speculative_config
+from vllm_utio.request_controls import RequestControlError, validate_request_controls
+from vllm_utio.speculation import (
+    PRIOR_ACCEPTANCE,
+    Acceptance,
+    SpeculationStats,
+    best_draft_count,
+    draft_cost,
+    expected_tokens,
+)
+
+
+def test_expected_tokens_is_the_geometric_sum():
+    assert expected_tokens(0.0, 4) == pytest.approx(1.0)
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(1.0, 3) == pytest.approx(4.0, rel=0.01)  # capped just below 1
+
+
+def test_long_context_with_good_acceptance_drafts_many():
+    # 4k cached positions, a throttled draft reads 672, row cost 450, cheap verification
+    k = best_draft_count(0.9, 4096, draft_cost(672, 450, 1.0), 450, 4, 1.05, 0.05)
+    assert k >= 3
+
+
+def test_costly_verification_drafts_none():
+    # the CPU's measured verification cost: even 93% acceptance does not pay at 4k
+    assert best_draft_count(0.93, 4096, draft_cost(1200, 450, 1.0), 450, 4, 1.05, 0.75) == 0
+
+
+def test_short_context_or_poor_acceptance_drafts_none():
+    # a throttled draft at 600 positions reads everything: it costs a full step
+    assert best_draft_count(0.9, 600, draft_cost(600, 450, 1.0), 450, 4, 1.05, 0.05) == 0
+    # 4k, but drafts are nearly always rejected
+    assert best_draft_count(0.05, 4096, draft_cost(672, 450, 1.0), 450, 4, 1.05, 0.05) == 0
+
+
+def test_gain_threshold_is_respected():
+    args = (0.7, 4096, draft_cost(672, 450, 1.0), 450, 4)
+    assert best_draft_count(*args, 1.0, 0.05) > 0
+    assert best_draft_count(*args, 10.0, 0.05) == 0
+
+
+def test_depth_draft_costs_its_share_of_layers_plus_fill():
+    assert draft_cost(1000, 400, 1.0) == pytest.approx(1400)
+    assert draft_cost(1000, 400, 0.5) == pytest.approx(0.5 * 1400 + 0.5 * 200)
+
+
+def test_acceptance_estimate_moves_with_verifications():
+    acc = Acceptance()
+    acc.proposed = 4
+    acc.observe(4)  # all accepted: rate rises
+    high = acc.rate
+    assert high > PRIOR_ACCEPTANCE
+    acc.proposed = 4
+    acc.observe(0)  # the first draft rejected: rate falls
+    assert acc.rate < high
+    low = Acceptance(rate=0.1)
+    low.proposed = 0
+    low.observe(0)  # not drafting: drifts back towards the prior, so it retries
+    assert 0.1 < low.rate < PRIOR_ACCEPTANCE
+
+
+def test_stats_rates():
+    s = SpeculationStats(verified_tokens=10, accepted_tokens=7, verifications=4)
+    d = s.as_dict()
+    assert d["spec_acceptance_rate"] == pytest.approx(0.7)
+    assert d["spec_tokens_per_verification"] == pytest.approx(1 + 7 / 4)
+    assert SpeculationStats().as_dict()["spec_acceptance_rate"] == 0.0
+
+
+def test_draft_read_per_policy():
+    cfg = parse_utio_config({"speculate": {}})
+    throttle = cfg.speculate.draft.attention
+    assert throttle.policy == "throttle"
+    assert draft_read(throttle, 4096, 32, 30) == 128 + 512 + 32
+    assert draft_read(throttle, 300, 32, 30) == 300
+    select = parse_utio_config(
+        {"attention_all": {"policy": "select", "budget_tokens": 1024, "dense_layers": 3}}
+    ).attention_all
+    assert draft_read(select, 4096, 32, 30) == (3 * 4096 + 27 * 1024) // 30
+
+
+def test_speculative_config_uses_vllms_custom_proposer():
+    spec = parse_utio_config({"speculate": {"tokens": 3}}).speculate
+    got = speculative_config(spec)
+    assert got["method"] == "custom_class" and got["num_speculative_tokens"] == 3
+    module, name = got["model"].rsplit(".", 1)
+    assert hasattr(__import__(module, fromlist=[name]), name)
+
+
+@pytest.mark.parametrize(
+    ("raw", "needle"),
+    [
+        ({"speculate": {"tokens": 0}}, "speculate.tokens"),
+        ({"speculate": {"tokens": 17}}, "speculate.tokens"),
+        ({"speculate": {"draft": {"bucket": "nope"}}}, "speculate.draft.bucket"),
+        ({"speculate": {"depth": 3}}, "speculate"),
+        ({"speculate": {}, "attention_all": {"policy": "throttle"}}, "attention_all"),
+        ({"speculate": {"draft": {"attention": {"policy": "weird"}}}}, "policy"),
+    ],
+)
+def test_bad_speculate_config_names_the_field(raw, needle):
+    with pytest.raises(UtioConfigError) as err:
+        parse_utio_config(raw)
+    assert needle in str(err.value)
+
+
+def test_speculate_control_values():
+    cfg = parse_utio_config({"speculate": {}})
+    validate_request_controls({"utio_speculate": "off"}, cfg)
+    validate_request_controls({"utio_speculate": "default"}, cfg)
+    with pytest.raises(RequestControlError, match="allowed values"):
+        validate_request_controls({"utio_speculate": "maybe"}, cfg)
+    with pytest.raises(RequestControlError, match="must be a string"):
+        validate_request_controls({"utio_speculate": False}, cfg)

@@ -1,0 +1,357 @@
+"""Self-speculation vs vanilla vLLM and vLLM's own ngram speculation, in one run.
+
+    vllm-utio bench-spec [--quick] [-o results/speculative.json]
+
+Every engine (one at a time: each has its own KV cache) runs the same greedy requests:
+
+- long context: Wikipedia prompts of each ``--context-lens`` length, at each batch size;
+- short (``--short``): ShareGPT first turns and 64/512-token Wikipedia prompts.
+
+Per cell: decode tok/s (medians over ``--repeats``; decode time = last token - first
+token of the batch, engine timestamps, prompts prefilled by a warm-up run first),
+speculation counters from vLLM's own metrics (drafts, draft tokens, accepted tokens), and
+greedy identity against vanilla: a reference run of vanilla with top-2 logprobs gives, for
+every output that differs, the first differing position and vanilla's top-2 logprob gap
+there ("near tie" below ``NEAR_TIE_NATS``: bf16 noise can flip such a choice).
+Writes JSON and a markdown table (``.md`` next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vllm_utio.benchmarking import long_policies as lp
+from vllm_utio.benchmarking.long_context import corpus_ids, long_prompts
+from vllm_utio.benchmarking.results import machine_info, version_info
+
+NEAR_TIE_NATS = 0.1
+SPEC_COUNTERS = {
+    "drafts": "vllm:spec_decode_num_drafts",
+    "draft_tokens": "vllm:spec_decode_num_draft_tokens",
+    "accepted": "vllm:spec_decode_num_accepted_tokens",
+}
+# a depth-skip draft: 20 of 30 layers (the layer-skip study's mildest useful cut)
+SKIP_BUCKET = {"name": "draft", "max_score": 0.01, "keep_first": 14, "keep_last": 6}
+
+
+def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
+    """name -> {'utio': UTIO config or None, 'spec': vLLM speculative_config or None}."""
+
+    def utio(draft: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        spec = {"tokens": tokens, "draft": draft, **extra}
+        return {"enabled": True, "router": "forced", "speculate": spec}
+
+    out: dict[str, dict[str, Any]] = {
+        "vanilla": {"utio": None, "spec": None},
+        "ngram": {
+            "utio": None,
+            "spec": {
+                "method": "ngram",
+                "num_speculative_tokens": tokens,
+                "prompt_lookup_max": 4,
+                "prompt_lookup_min": 2,
+            },
+        },
+        "spec-throttle": {"utio": utio({"attention": lp.POLICIES["throttle"]}), "spec": None},
+        "spec-throttle-fixed": {
+            "utio": utio({"attention": lp.POLICIES["throttle"]}, adaptive=False),
+            "spec": None,
+        },
+        "spec-skip": {
+            "utio": {
+                **utio({"attention": {"policy": "dense"}, "bucket": "draft"}),
+                "buckets": [SKIP_BUCKET],
+            },
+            "spec": None,
+        },
+    }
+    if block_size <= 64:  # select finds facts only with fine blocks
+        out["spec-select1024"] = {
+            "utio": utio({"attention": lp.POLICIES["select1024"]}),
+            "spec": None,
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _counters(llm: Any) -> dict[str, float]:
+    got = {k: 0.0 for k in SPEC_COUNTERS}
+    names = {v: k for k, v in SPEC_COUNTERS.items()}
+    for metric in llm.get_metrics():
+        key = names.get(getattr(metric, "name", ""))
+        if key is not None:
+            got[key] += float(getattr(metric, "value", 0) or 0)
+    return got
+
+
+def run_cell(llm: Any, prompts: list[Any], output_len: int, logprobs: bool = False) -> dict:
+    """One greedy generate() call: decode tok/s, tokens, spec counters (and logprobs)."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=output_len, ignore_eos=True, logprobs=2 if logprobs else None
+    )
+    before = _counters(llm)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    wall = time.perf_counter() - t0
+    after = _counters(llm)
+    n_out = min(len(o.outputs[0].token_ids) for o in outs)
+    decode_s = max(o.metrics.last_token_ts for o in outs) - max(
+        o.metrics.first_token_ts for o in outs
+    )
+    sample: dict[str, Any] = {
+        "wall_s": wall,
+        "decode_tok_s": len(outs) * (n_out - 1) / decode_s if decode_s > 0 else None,
+        "tokens": [list(o.outputs[0].token_ids) for o in outs],
+        **{k: after[k] - before[k] for k in SPEC_COUNTERS},
+    }
+    if logprobs:
+        sample["top2_gap"] = [[_gap(step) for step in (o.outputs[0].logprobs or [])] for o in outs]
+    return sample
+
+
+def _gap(step: dict[int, Any]) -> float:
+    values = sorted((lp_.logprob for lp_ in step.values()), reverse=True)
+    return values[0] - values[1] if len(values) > 1 else float("inf")
+
+
+def identity(tokens: list[list[int]], reference: dict[str, Any]) -> dict[str, Any]:
+    """How many outputs equal vanilla's; where not, the first differing step and whether
+    vanilla's top-2 choice there was a near tie."""
+    same, ties, other = 0, [], []
+    for i, (got, ref) in enumerate(zip(tokens, reference["tokens"], strict=True)):
+        if got == ref:
+            same += 1
+            continue
+        at = next((j for j, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
+        at = min(len(got), len(ref)) if at is None else at
+        gaps = reference["top2_gap"][i]
+        gap = gaps[at] if at < len(gaps) else None
+        entry = {"prompt": i, "step": at, "top2_gap": gap}
+        (ties if gap is not None and gap < NEAR_TIE_NATS else other).append(entry)
+    return {"identical": same, "outputs": len(tokens), "near_ties": ties, "mismatches": other}
+
+
+def workloads(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
+    """Every (workload, context, batch) cell with its prompts."""
+    from vllm_utio.assets.data import load_sharegpt_prompts, load_wiki_documents
+
+    cells: list[dict[str, Any]] = []
+    texts = [d["text"] for d in load_wiki_documents()]
+    longest = max([*args.context_lens, 512])
+    ids = corpus_ids(tokenizer, texts, max(args.batch_sizes) * longest)
+    for ctx in args.context_lens:
+        for batch in args.batch_sizes:
+            prompts = long_prompts(ids, batch, ctx, max(args.batch_sizes), longest)
+            cells.append(
+                {"workload": "wikipedia", "context": ctx, "batch": batch, "prompts": prompts}
+            )
+    if args.short:
+        for batch in (1, 8):
+            for length in (64, 512):
+                prompts = long_prompts(ids, batch, length, max(args.batch_sizes), longest)
+                cells.append(
+                    {"workload": "wikipedia", "context": length, "batch": batch, "prompts": prompts}
+                )
+            chats = load_sharegpt_prompts(batch)
+            cells.append(
+                {"workload": "sharegpt", "context": None, "batch": batch, "prompts": chats}
+            )
+    return cells
+
+
+def _median(values: list[float | None]) -> float | None:
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
+
+
+def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for c, cell in enumerate(cells):
+        base = _median(
+            [s["decode_tok_s"] for s in samples if s["cell"] == c and s["engine"] == "vanilla"]
+        )
+        for name in dict.fromkeys(s["engine"] for s in samples):
+            group = [s for s in samples if s["cell"] == c and s["engine"] == name]
+            if not group:
+                continue
+            tok_s = _median([s["decode_tok_s"] for s in group])
+            drafts = sum(s["drafts"] for s in group)
+            draft_tokens = sum(s["draft_tokens"] for s in group)
+            accepted = sum(s["accepted"] for s in group)
+            rows.append(
+                {
+                    "engine": name,
+                    "workload": cell["workload"],
+                    "context": cell["context"],
+                    "batch": cell["batch"],
+                    "decode_tok_s": tok_s,
+                    "tok_s_min": min(s["decode_tok_s"] or 0 for s in group),
+                    "tok_s_max": max(s["decode_tok_s"] or 0 for s in group),
+                    "speedup": tok_s / base if tok_s and base else None,
+                    "acceptance": accepted / draft_tokens if draft_tokens else None,
+                    "tokens_per_verification": 1 + accepted / drafts if drafts else None,
+                    "draft_tokens_per_output": draft_tokens
+                    / max(1, sum(len(t) for s in group for t in s["tokens"])),
+                    "identity": group[0]["identity"],
+                }
+            )
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    lines = [
+        f"# Self-speculation, {results['created'][:10]}",
+        "",
+        f"Model {Path(s['model']).name}, {s['dtype']}, KV blocks of {s['block_size']}, "
+        f"{s['output_len']} new tokens (greedy, ignore_eos), up to {s['tokens']} draft tokens, "
+        f"{s['repeats']} repeats (median, min-max).",
+        "",
+        "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla | acceptance "
+        "| tokens / verification | drafts / output token | identical to vanilla | near ties "
+        "| other mismatches |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def f(v: float | None, fmt: str = "{:.2f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    for r in results["summary"]:
+        ident = r["identity"]
+        lines.append(
+            f"| {r['workload']} | {r['context'] or '-'} | {r['batch']} | {r['engine']} | "
+            f"{f(r['decode_tok_s'], '{:.1f}')} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}) | "
+            f"{f(r['speedup'])}x | {f(r['acceptance'])} | {f(r['tokens_per_verification'])} | "
+            f"{f(r['draft_tokens_per_output'])} | {ident['identical']}/{ident['outputs']} | "
+            f"{len(ident['near_ties'])} | {len(ident['mismatches'])} |"
+        )
+    lines += ["", *[f"- {n}" for n in results["notes"]], ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model path (default: the embedded model)")
+    parser.add_argument("--context-lens", type=int, nargs="+", default=[4096])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--tokens", type=int, default=4, help="most draft tokens per step")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=None,
+        help="engines to run (default: all; vanilla always runs first, as the reference)",
+    )
+    parser.add_argument("--short", action="store_true", help="add the short-prompt workloads")
+    parser.add_argument("--quick", action="store_true", help="one 700-token context, batch 2")
+    parser.add_argument("-o", "--out", type=Path, default=Path("results/speculative.json"))
+    lp.add_block_size_argument(parser)
+    lp.add_dtype_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+    from vllm import LLM
+
+    from vllm_utio.paths import default_model_dir
+
+    if args.quick:
+        args.context_lens, args.batch_sizes, args.output_len, args.repeats = [700], [2], 16, 1
+    model = str(args.model or default_model_dir())
+    dtype = lp.resolve_dtype(args.dtype)
+    table = engines(args.tokens, args.block_size)
+    names = ["vanilla", *[e for e in (args.engines or table) if e != "vanilla"]]
+    unknown = [e for e in names if e not in table]
+    if unknown:
+        raise SystemExit(f"unknown engines {unknown}; allowed: {list(table)}")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    cells = workloads(args, tokenizer)
+    longest = max(c["context"] or 2048 for c in cells) + args.output_len + args.tokens + 8
+    per_token = lp.kv_bytes_per_token(model, dtype)
+    kv = max(256 << 20, int(1.2 * max(args.batch_sizes) * longest * per_token))
+    samples: list[dict[str, Any]] = []
+    references: dict[int, dict[str, Any]] = {}
+    total = len(names) * len(cells) * args.repeats
+    with tqdm(total=total, desc="bench-spec", unit="run") as bar:
+        for name in names:
+            bar.set_postfix_str(f"starting {name}")
+            kw = lp.engine_kwargs(
+                longest,
+                max(args.batch_sizes),
+                kv,
+                False,
+                utio=table[name]["utio"],
+                block_size=args.block_size,
+                dtype=dtype,
+            )
+            if table[name]["spec"] is not None:
+                kw["speculative_config"] = table[name]["spec"]
+            llm = LLM(model, **kw)
+            try:
+                for c, cell in enumerate(cells):
+                    bar.set_postfix_str(f"{name} warm-up ctx={cell['context']} b={cell['batch']}")
+                    if name == "vanilla":  # the reference, with top-2 logprobs (untimed)
+                        references[c] = run_cell(llm, cell["prompts"], args.output_len, True)
+                    else:
+                        run_cell(llm, cell["prompts"], 4)  # prefill into the prefix cache
+                    for repeat in range(args.repeats):
+                        s = run_cell(llm, cell["prompts"], args.output_len)
+                        s.update(engine=name, cell=c, repeat=repeat)
+                        s["identity"] = identity(s["tokens"], references[c])
+                        samples.append(s)
+                        bar.set_postfix_str(
+                            f"{name} ctx={cell['context']} b={cell['batch']} "
+                            f"{s['decode_tok_s'] or 0:.1f} tok/s"
+                        )
+                        bar.update()
+            finally:
+                lp.shutdown(llm)
+    results = {
+        "kind": "self-speculation",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": machine_info(),
+        "versions": version_info(),
+        "settings": {
+            "model": model,
+            "dtype": dtype,
+            "block_size": args.block_size,
+            "output_len": args.output_len,
+            "repeats": args.repeats,
+            "tokens": args.tokens,
+            "engines": {n: table[n] for n in names},
+            "kv_cache_bytes": kv,
+        },
+        "cells": [{k: v for k, v in c.items() if k != "prompts"} for c in cells],
+        "samples": [{k: v for k, v in s.items() if k != "tokens"} for s in samples],
+        "summary": summarize(samples, cells),
+        "notes": [
+            "engines run one after another, each with its own KV cache (prefix caching on); "
+            "vanilla first: its untimed reference run (top-2 logprobs) defines identity",
+            f"near tie: vanilla's top-2 logprobs within {NEAR_TIE_NATS} nats at the first "
+            "differing step (bf16 rounding of a multi-token verification can flip it)",
+            "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
+            "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "
+            "proposed per generated token (the adaptive rule drafts less where it does not pay)",
+            "vLLM's suffix speculation needs the arctic-inference package, not installed here",
+        ],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(args.out)
+    print(markdown(results))
+    return 0
