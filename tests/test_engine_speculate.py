@@ -227,34 +227,30 @@ def test_select_draft_adaptive_is_lossless(vanilla_llm):
 
 def test_sampling_keeps_target_distribution(spec_llm, vanilla_llm):
     """Sampled requests: the second token (the first one verified against drafts) follows
-    the full model's distribution. Among samples whose first token is the most frequent
-    one, the frequencies of the likeliest second tokens lie within 4.5 binomial standard
-    deviations of the full model's probabilities (from vanilla's logprobs)."""
+    the full model's distribution: among samples whose first token is the most frequent
+    one, each likely second token's frequency under speculation and under vanilla vLLM
+    differ by less than 4.5 standard deviations of a two-sample binomial test."""
     from vllm import SamplingParams
 
     prompt = "Question: What is the capital of France?\nAnswer:"
     n = 800
     # unseeded: vLLM 0.32 on CPU fails on a seeded request whose prefill is chunked
     # (gpu_model_runner rewinds the generator with set_offset, which CPU generators lack)
-    params = SamplingParams(temperature=1.0, max_tokens=2)
-    outs = spec_llm.generate([prompt] * n, params, use_tqdm=False)
-    pairs = [tuple(o.outputs[0].token_ids[:2]) for o in outs]
-    top, _ = Counter(p[0] for p in pairs).most_common(1)[0]
-    seconds = [p[1] for p in pairs if p[0] == top]
-    assert len(seconds) > 150, len(seconds)
-    ids = [*vanilla_llm.get_tokenizer().encode(prompt), top]
-    nxt = (
-        vanilla_llm.generate(
-            [{"prompt_token_ids": ids}],
-            SamplingParams(temperature=0.0, max_tokens=1, logprobs=8),
-            use_tqdm=False,
-        )[0]
-        .outputs[0]
-        .logprobs[0]
-    )
-    target = {t: math.exp(lp.logprob) for t, lp in nxt.items()}
-    counts, m = Counter(seconds), len(seconds)
-    for token, p in sorted(target.items(), key=lambda kv: -kv[1])[:4]:
-        sd = math.sqrt(m * p * (1 - p))
-        assert abs(counts[token] - m * p) <= 4.5 * sd + 1, (token, counts[token], m * p, sd)
+    params = SamplingParams(temperature=1.0, max_tokens=2, ignore_eos=True)
+
+    def pairs(llm) -> list[tuple[int, ...]]:
+        outs = llm.generate([prompt] * n, params, use_tqdm=False)
+        return [tuple(o.outputs[0].token_ids[:2]) for o in outs]
+
+    spec, ref = pairs(spec_llm), pairs(vanilla_llm)
+    top, _ = Counter(p[0] for p in ref).most_common(1)[0]
+    a = Counter(p[1] for p in spec if p[0] == top)
+    b = Counter(p[1] for p in ref if p[0] == top)
+    na, nb = sum(a.values()), sum(b.values())
+    assert na > 100 and nb > 100, (na, nb)
+    for token, _ in b.most_common(4):
+        pa, pb = a[token] / na, b[token] / nb
+        pooled = (a[token] + b[token]) / (na + nb)
+        sd = math.sqrt(pooled * (1 - pooled) * (1 / na + 1 / nb)) or 1e-9
+        assert abs(pa - pb) <= 4.5 * sd + 0.01, (token, pa, pb, sd)
     assert _stats(spec_llm)["spec_verified_tokens"] > 0
