@@ -77,3 +77,15 @@ def kv_relative_errors(
             per_layer.append(float(diff / scale))
         errors["all" if r == 0 else f"range{r}"] = per_layer
     return errors
+
+
+def run_until(engine: Any, req_id: str, target_outputs: int) -> int:
+    """Step ``engine`` until the request has ``target_outputs`` tokens; return how many of
+    its positions are cached (the last token is not yet)."""
+    for _ in range(500):
+        for out in engine.step():
+            if out.request_id == req_id:
+                n = len(out.outputs[0].token_ids)
+                if n >= target_outputs:
+                    return len(out.prompt_token_ids) + n - 1
+    raise AssertionError("request did not reach the target length")

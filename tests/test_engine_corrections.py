@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BUCKETS, make_llm, model_path, shutdown
-from kv_check import kv_relative_errors
-from test_engine_kv import TOLERANCE, _params, _run_until
+from kv_check import kv_relative_errors, run_until
+from test_engine_kv import TOLERANCE, _params
 
 from vllm_utio.corrections import Correction, save_correction
 
@@ -38,7 +38,7 @@ def test_correction_and_prefill_routing(corrected_llm):
     # > 256 tokens: prefilled in two chunks (token budget 256), both routed shallow
     prompt = "The history of the river valley is long. " * 30
     engine.add_request("corr-a", prompt, _params("shallow", 48))
-    cached = _run_until(engine, "corr-a", 24)
+    cached = run_until(engine, "corr-a", 24)
     prompt_len = len(llm.get_tokenizer().encode(prompt))
     assert prompt_len > 256
     every = [(0, cached, *SHALLOW)]  # prompt and decode positions all ran shallow

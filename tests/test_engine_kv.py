@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import BUCKETS, model_path
-from kv_check import kv_relative_errors
+from kv_check import kv_relative_errors, run_until
 
 pytestmark = pytest.mark.engine
 
@@ -13,17 +13,6 @@ SHALLOW = (BUCKETS[0]["keep_first"], BUCKETS[0]["keep_last"])  # skips layers 12
 # bf16 engine vs fp32 reference after up to 30 layers: a few percent. Stale or missing
 # K/V would be off by ~100%; K/V of the wrong stream (full depth) by much more than this.
 TOLERANCE = 0.06
-
-
-def _run_until(engine, req_id: str, target_outputs: int) -> int:
-    """Step until the request has ``target_outputs`` tokens; return how many are cached."""
-    for _ in range(500):
-        for out in engine.step():
-            if out.request_id == req_id:
-                n = len(out.outputs[0].token_ids)
-                if n >= target_outputs:
-                    return len(out.prompt_token_ids) + n - 1  # the last token is not cached yet
-    raise AssertionError("request did not reach the target length")
 
 
 def _params(bucket: str, max_tokens: int):
@@ -38,7 +27,7 @@ def test_skipped_layers_hold_frozen_state_kv(forced_llm):
     engine = forced_llm.llm_engine
     prompt = "The history of the river valley is long. " * 12
     engine.add_request("kv-a", prompt, _params("shallow", 64))
-    cached = _run_until(engine, "kv-a", 40)
+    cached = run_until(engine, "kv-a", 40)
     prompt_len = len(forced_llm.get_tokenizer().encode(prompt))
     ranges = [(prompt_len, cached, *SHALLOW)]
     errors = forced_llm.collective_rpc(

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from conftest import BUCKETS, make_llm, model_path, shutdown
-from kv_check import kv_relative_errors
+from kv_check import kv_relative_errors, run_until
 
 pytestmark = pytest.mark.engine
 
@@ -119,17 +119,6 @@ def test_throttle_and_skip_draft_is_lossless(spec_llm, vanilla_llm):
     assert stats["rows_per_level"][1:] == [0, 0]
 
 
-def _run_until(engine, req_id: str, target_outputs: int) -> int:
-    """Step until the request has ``target_outputs`` tokens; return how many are cached."""
-    for _ in range(500):
-        for out in engine.step():
-            if out.request_id == req_id:
-                n = len(out.outputs[0].token_ids)
-                if n >= target_outputs:
-                    return len(out.prompt_token_ids) + n - 1  # the last token is not cached yet
-    raise AssertionError("request did not reach the target length")
-
-
 def test_accepted_positions_hold_full_model_kv(spec_llm):
     """After verification every cached position's K/V at every layer is the full model's,
     though the drafts wrote shallow (frozen-state) K/V into the same slots first; an
@@ -142,7 +131,7 @@ def test_accepted_positions_hold_full_model_kv(spec_llm):
     _stats(spec_llm)
     engine.add_request("spec-kv", prompt, params)
     engine.add_request("spec-abort", _prompts()[9], params)
-    cached = _run_until(engine, "spec-kv", 40)
+    cached = run_until(engine, "spec-kv", 40)
     engine.abort_request(["spec-abort"])
     errors = spec_llm.collective_rpc(
         kv_relative_errors, args=("spec-kv", model_path(), [], cached)
@@ -182,7 +171,7 @@ def test_poor_draft_rejected_stays_lossless(vanilla_llm):
 
         engine = llm.llm_engine
         engine.add_request("poor-kv", prompts[-1], SamplingParams(temperature=0.0, max_tokens=40))
-        cached = _run_until(engine, "poor-kv", 20)
+        cached = run_until(engine, "poor-kv", 20)
         errors = llm.collective_rpc(kv_relative_errors, args=("poor-kv", model_path(), [], cached))
         engine.abort_request(["poor-kv"])
         while engine.has_unfinished_requests():

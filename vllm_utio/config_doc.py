@@ -72,46 +72,18 @@ def _table(model: type[BaseModel]) -> list[str]:
     return lines
 
 
+def _section(title: str, model: type[BaseModel]) -> list[str]:
+    """A heading, the model's docstring and its field table."""
+    return [f"## {title}", "", (model.__doc__ or "").strip(), "", *_table(model), ""]
+
+
 def render() -> str:
     out = [HEADER, "## `utio`", "", *_table(UtioConfig), ""]
-    out += [
-        "## `utio.buckets[i]`",
-        "",
-        (BucketSpec.__doc__ or "").strip(),
-        "",
-        *_table(BucketSpec),
-        "",
-    ]
-    out += [
-        "## `utio.buckets[i].attention`, `utio.attention_all`",
-        "",
-        (AttentionPolicy.__doc__ or "").strip(),
-        "",
-        *_table(AttentionPolicy),
-        "",
-    ]
-    out += [
-        "## `utio.speculate`",
-        "",
-        (SpeculateConfig.__doc__ or "").strip(),
-        "",
-        *_table(SpeculateConfig),
-        "",
-        "## `utio.speculate.draft`",
-        "",
-        (DraftPlan.__doc__ or "").strip(),
-        "",
-        *_table(DraftPlan),
-        "",
-    ]
-    out += [
-        "## `utio.signal`",
-        "",
-        (SignalWeights.__doc__ or "").strip(),
-        "",
-        *_table(SignalWeights),
-        "",
-    ]
+    out += _section("`utio.buckets[i]`", BucketSpec)
+    out += _section("`utio.buckets[i].attention`, `utio.attention_all`", AttentionPolicy)
+    out += _section("`utio.speculate`", SpeculateConfig)
+    out += _section("`utio.speculate.draft`", DraftPlan)
+    out += _section("`utio.signal`", SignalWeights)
     out += ["## Layer plans", "", _plans_text(), ""]
     out += ["## Importance score", "", _signals_text(), ""]
     return "\n".join(out)

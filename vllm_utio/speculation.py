@@ -24,7 +24,7 @@ drafting drifts back towards the prior, so it retries.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 PRIOR_ACCEPTANCE = 0.7
 SMOOTHING = 0.3  # weight of the newest verification in the estimate
@@ -92,7 +92,6 @@ class SpeculationStats:
     draft_steps: int = 0  # draft forwards (one per draft position and step)
     draft_s: float = 0.0
     skipped_rows: int = 0  # decode rows given no draft (adaptive, opt-out, no slot)
-    by_count: dict[int, int] = field(default_factory=dict)  # proposals by draft count
 
     def as_dict(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {

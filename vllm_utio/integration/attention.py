@@ -10,6 +10,7 @@ the same builders on it. Contiguous leading subsets use views; arbitrary subsets
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass, replace
 from typing import Any
@@ -29,6 +30,15 @@ class StepMetadataRecorder:
 
     def reset(self) -> None:
         self.common = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Not recording: for metadata UTIO builds itself from a derived CM."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def install(self, attn_groups: list[list[Any]]) -> None:
         for groups in attn_groups:

@@ -318,11 +318,8 @@ class UtioRunnerMixin:
         from vllm.forward_context import get_forward_context, override_forward_context
 
         t0 = time.perf_counter()
-        self._utio_recorder.recording = False
-        try:
+        with self._utio_recorder.paused():
             metadata = build_metadata(throttled, self.attn_groups)
-        finally:
-            self._utio_recorder.recording = True
         self._utio_mid_metadata_s += time.perf_counter() - t0
         ctx = get_forward_context()
         return override_forward_context(dataclasses.replace(ctx, attn_metadata=metadata))
@@ -339,11 +336,8 @@ class UtioRunnerMixin:
         source = {"cm": cm}  # sub-batches derive from this CM (restricted if rows are sparse)
 
         def make_sub_batch(rows: np.ndarray) -> SubBatch:
-            self._utio_recorder.recording = False
-            try:
+            with self._utio_recorder.paused():
                 return build_sub_batch(source["cm"], rows, self.attn_groups, step_slots)
-            finally:
-                self._utio_recorder.recording = True
 
         if throttled is not None:
             # sparse rows: every sub-batch (the full one too) derives from the restricted CM

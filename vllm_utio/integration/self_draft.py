@@ -124,8 +124,6 @@ class SelfDrafter:
         self.stats.draft_s += time.perf_counter() - t0
         self.stats.proposals += int((counts > 0).sum())
         self.stats.drafted_tokens += int(counts.sum())
-        for k in counts[counts > 0].tolist():
-            self.stats.by_count[k] = self.stats.by_count.get(k, 0) + 1
         return drafts
 
     def _observe(self, scheduler_output: Any, req_ids: list[str], sampled: list[list[int]]):
@@ -249,9 +247,5 @@ def _replace(cm: Any, **fields: Any) -> Any:
 def _build(runner: Any, cm: Any) -> dict[str, Any]:
     from vllm_utio.integration.attention import build_metadata
 
-    recorder = runner._utio_recorder
-    recorder.recording = False
-    try:
+    with runner._utio_recorder.paused():
         return build_metadata(cm, runner.attn_groups)
-    finally:
-        recorder.recording = True
