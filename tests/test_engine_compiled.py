@@ -1,8 +1,10 @@
 """Steps with nothing UTIO-specific run vLLM's own compiled model (zero overhead).
 
 One compiled engine (no ``enforce_eager``: vLLM's CPU default, a dynamo-traced and
-inductor-compiled model) with UTIO on at full depth, and the shared eager forced engine,
-whose all-full-depth steps take vLLM's model too while a routed row takes the layer loop.
+inductor-compiled model) with UTIO on at full depth, 32-token KV blocks and one
+full-depth bucket whose decode tokens read KV blocks chosen per layer (``select``), and
+the shared eager forced engine, whose all-full-depth steps take vLLM's model too while a
+routed row takes the layer loop.
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ def _run(llm, prompts, extra_args: list[dict] | None = None):
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
+SELECT = {"policy": "select", "sink_tokens": 32, "recent_tokens": 64, "budget_tokens": 256}
+BUCKETS = [{"name": "select", "max_score": 0.5, "keep_first": 30, "attention": SELECT}]
+
+
 @pytest.fixture(scope="module")
 def compiled_llm():
-    llm = make_llm({"enabled": True}, enforce_eager=False)
+    utio = {"enabled": True, "router": "forced", "buckets": BUCKETS}
+    llm = make_llm(utio, enforce_eager=False, block_size=32)
     yield llm
     shutdown(llm)
 
@@ -84,3 +91,33 @@ def test_routed_steps_take_the_layer_loop_and_plain_steps_do_not(forced_llm):
         stats2["vllm_model_steps"] - stats1["vllm_model_steps"]
     )
     assert loop == routed
+
+
+def test_select_steps_run_the_compiled_model(compiled_llm):
+    """'select' chooses each layer's blocks inside vLLM's attention call, so its steps
+    stay on the compiled model: fewer KV positions read, no new graph or compile."""
+    from vllm import SamplingParams
+
+    from vllm_utio.assets.data import load_wiki_documents
+
+    tok = compiled_llm.get_tokenizer()
+    text = next(d["text"] for d in load_wiki_documents() if len(d["text"]) > 6000)
+    prompts = [{"prompt_token_ids": tok.encode(text)[:n]} for n in (700, 500)]
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        extra_args={"utio_bucket": "select"},
+    )
+    compiled_llm.generate(prompts[:1], params, use_tqdm=False)  # warm-up of this shape mix
+    before = compiled_llm.collective_rpc(_compile_facts)[0]
+    stats0 = compiled_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    compiled_llm.generate(prompts, params, use_tqdm=False)
+    stats = compiled_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    after = compiled_llm.collective_rpc(_compile_facts)[0]
+    assert stats0 is not None and stats["steps"] >= MAX_TOKENS
+    assert stats["vllm_model_steps"] == stats["steps"]
+    assert stats["select_s"] > 0
+    # decode tokens past the 256-position budget read about 256 positions at 28 layers
+    assert stats["kv_tokens_read"] < 0.6 * stats["kv_tokens_dense"], stats
+    assert (after["graphs"], after["compiles"]) == (before["graphs"], before["compiles"])

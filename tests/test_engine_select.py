@@ -128,6 +128,8 @@ def test_small_budget_reads_less_and_changes_outputs(select_llm, prompts):
             p + i for p in prompt_lens for i in range(1, MAX_TOKENS)
         )
         assert abs(stats["kv_tokens_read"] - want) <= BS * len(prompts) * MAX_TOKENS, name
+        # chosen inside vLLM's attention call: no step needs UTIO's layer loop
+        assert stats["vllm_model_steps"] == stats["steps"] > 0, name
     assert reads["tiny"][0] != dense, "two 32-token blocks of a 760-token context"
 
 

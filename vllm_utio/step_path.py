@@ -3,11 +3,13 @@ UTIO's layer loop.
 
 UTIO's layer loop runs eagerly, layer by layer; vLLM's model on CPU is one
 ``torch.compile``d graph. A step needs the loop only when it does something vLLM's model
-cannot: run a row below full depth, restrict the KV blocks a row reads differently per
-layer ('select'), or observe a signal inside the forward (a vslash estimate, attention heat,
-a probe). Every other step runs vLLM's model, so UTIO costs nothing there; a restriction
-that is the same at every layer (throttle, vslash without an estimate to take) runs there
-too, with the step's attention metadata rebuilt from the restricted block tables.
+cannot: run a row below full depth, or observe a signal inside the forward (a vslash
+estimate, attention heat, a probe). Every other step runs vLLM's model, so UTIO costs
+nothing there. Sparse rows run there too: a restriction that is the same at every layer
+(throttle, vslash without an estimate to take) through the step's attention metadata
+rebuilt from the restricted block tables; 'select', which chooses per layer from the
+layer's own query, inside the attention call (vLLM's attention op calls the backend impl
+at run time, also from the compiled graph; ``integration/select_attention.py`` wraps it).
 
 Where each router's signals come from:
 
@@ -34,7 +36,7 @@ from vllm_utio.config import UtioConfig
 
 # why a step runs UTIO's layer loop (None: vLLM's model)
 BELOW_FULL_DEPTH = "a row runs below full depth"
-SPARSE_ROWS = "a decode row's KV blocks are chosen per layer, or a layer's query is read"
+QUERY_READ = "a vslash row's verticals are estimated from a layer's captured query"
 MID_FORWARD_ROUTING = "a routable row is routed mid-forward (probe)"
 HEAT_SIGNAL = "the surrogate score needs the heat layer's attention"
 
@@ -43,18 +45,18 @@ HEAT_SIGNAL = "the surrogate score needs the heat layer's attention"
 class StepFacts:
     """What the runner knows about a step once its rows are routed."""
 
-    levels: np.ndarray  # depth level per row (0 = full depth)
-    sparse_rows: bool  # a select row over budget, or a vslash row whose verticals are estimated
+    shallow: np.ndarray  # per row: its level's plan skips layers (a full-depth bucket does not)
+    query_read: bool  # a vslash row whose verticals are estimated from a captured query
     routable: np.ndarray  # per row: may a router move it below full depth
 
 
 def layer_loop_reason(cfg: UtioConfig, facts: StepFacts) -> str | None:
     """Why this step must run UTIO's layer loop, or None if vLLM's model computes exactly
     what the loop would (every row full depth, dense, no signal taken mid-forward)."""
-    if facts.levels.any():
+    if facts.shallow.any():
         return BELOW_FULL_DEPTH
-    if facts.sparse_rows:
-        return SPARSE_ROWS
+    if facts.query_read:
+        return QUERY_READ
     if not cfg.buckets:
         return None  # nothing to route: no signal is read
     if cfg.router == "probe" and facts.routable.any():

@@ -284,7 +284,7 @@ class UtioRunnerMixin:
             # nothing the layer loop must do: vLLM's own (compiled) model computes the step,
             # reading the restricted blocks of throttle rows through swapped metadata
             t0 = time.perf_counter()
-            with self._utio_restricted(throttled):
+            with self._utio_restricted(throttled), self._utio_selecting(cm, throttled):
                 hidden = super()._model_forward(
                     input_ids=input_ids, positions=positions, inputs_embeds=inputs_embeds
                 )
@@ -303,12 +303,20 @@ class UtioRunnerMixin:
 
     def _utio_path_reason(self, cm: Any, levels: np.ndarray, throttled: Any | None) -> str | None:
         """Why this step needs UTIO's layer loop (None: vLLM's model), see step_path."""
-        selector = self._utio_selector
-        over_budget = selector is not None and selector.restricts_any(cm.seq_lens_cpu_upper_bound)
-        # vslash estimates its verticals from a layer's captured query: the loop captures
-        per_layer = over_budget or self._utio_estimate is not None
-        facts = StepFacts(levels, per_layer, self._utio_routable[0])
+        # vslash estimates its verticals from a layer's captured query: the loop captures;
+        # 'select' chooses inside the attention call, which vLLM's model makes too
+        full = np.array([p.is_full for p in self.utio_plans.plans])
+        facts = StepFacts(~full[levels], self._utio_estimate is not None, self._utio_routable[0])
         return layer_loop_reason(self.utio_cfg, facts)
+
+    def _utio_selecting(self, cm: Any, throttled: Any | None) -> contextlib.AbstractContextManager:
+        """'select' rows choose their blocks per layer inside vLLM's model too (every row of
+        the step is one batch: the step's CM, or the throttled one when rows are throttled)."""
+        selector = self._utio_selector
+        if selector is None or not selector.restricts_any(cm.seq_lens_cpu_upper_bound):
+            return contextlib.nullcontext()
+        source = throttled if throttled is not None else cm
+        return selector.running(np.arange(cm.num_reqs), source)
 
     def _utio_restricted(self, throttled: Any | None) -> contextlib.AbstractContextManager:
         """The step's forward context with the throttle rows' restricted metadata (the same
@@ -435,9 +443,7 @@ class UtioRunnerMixin:
             elif policy.policy != "dense":
                 policies[row] = policy
         if self._utio_selector is not None:
-            self._utio_selector.begin_step(
-                selected, lambda c: build_metadata(c, self.attn_groups), self._utio_req_ids()
-            )
+            self._utio_selector.begin_step(selected, self._utio_build, self._utio_req_ids())
         if not policies:
             self._utio_kv_read = (dense_read, dense_read)
             return None
@@ -465,6 +471,11 @@ class UtioRunnerMixin:
             seq_lens_cpu_upper_bound=lens_t,
             max_seq_len=int(lens.max()),
         )
+
+    def _utio_build(self, cm: Any) -> dict[str, Any]:
+        """Backend metadata UTIO derives itself (not recorded as the step's CM)."""
+        with self._utio_recorder.paused():
+            return build_metadata(cm, self.attn_groups)
 
     def _utio_blocks(self, policy: AttentionPolicy, seq_len: int, req_id: str) -> Selection | None:
         """The blocks a decode row of ``policy`` keeps (None: all of them)."""

@@ -5,12 +5,13 @@ per layer from that layer's own query (the spec is :mod:`vllm_utio.kv_selection`
   goes through the backend's ``impl.do_kv_cache_update``; wrapping it folds the written
   keys into the block summaries, so they follow prefill, decode, recycling and prefix
   hits without a second code path.
-- A forward pre-hook on each attention layer from the first layer any ``select`` policy
-  selects in: between the query projection (+RoPE) and the attention call it scores the
-  current sub-batch's select rows, restricts their block-table rows, builds the backend
-  metadata for that layer and swaps it into the forward context; a post-hook puts the
-  step's metadata back. A later layer whose restricted lengths are the same (a fixed
-  budget) reuses that metadata with only its block table swapped.
+- Each attention impl's ``forward`` from the first layer any ``select`` policy selects in
+  is wrapped too. vLLM calls it at run time from its attention op, with the layer's
+  post-RoPE query, also inside its compiled model (the op is opaque to the graph). There
+  the wrapper scores the running batch's select rows, restricts their block-table rows
+  and hands the kernel that layer's metadata instead of the step's. A later layer whose
+  restricted lengths are the same (a fixed budget) reuses that metadata with only its
+  block table swapped.
 """
 
 from __future__ import annotations
@@ -99,20 +100,19 @@ class QueryAwareSelector:
         self.summaries: BlockSummaries | None = None
         self.held = HeldBlocks(stack.num_layers, -(-max_model_len // block_size))
         self._layer_of: dict[str, int] = {}
-        self._hooks: list[Any] = []
+        self._first_layer = 0
         # this step: persistent row -> its select policy (decode rows only)
         self.policies: dict[int, AttentionPolicy] = {}
         self._req_ids: list[str] = []
         self._current: _Current | None = None
         self._build: BuildMetadata | None = None
-        self._saved: dict[int, Any] = {}
         self._reuse: _Built | None = None
         self._rows: _Rows | None = None
         self.saved_tokens = 0  # KV positions not read by select rows this step, over layers
 
     # --- set-up -------------------------------------------------------------------
     def install(self, first_layer: int) -> None:
-        """Allocate summaries for the live KV cache and hook every layer's writes and the
+        """Allocate summaries for the live KV cache and wrap every layer's writes and the
         attention calls of layers >= ``first_layer``."""
         attn0 = self.stack.layers[0].self_attn.attn
         backend = getattr(attn0, "attn_backend", None)
@@ -131,16 +131,15 @@ class QueryAwareSelector:
             int(attn0.head_size),
             cache.device,
         )
+        self._first_layer = first_layer
         wrapped: set[int] = set()
         for index, layer in enumerate(self.stack.layers):
             attn = layer.self_attn.attn
             self._layer_of[attn.layer_name] = index
-            if id(attn.impl) not in wrapped:
+            if id(attn.impl) not in wrapped:  # an impl shared by layers is wrapped once
                 wrapped.add(id(attn.impl))
                 attn.impl.do_kv_cache_update = self._folding(attn.impl.do_kv_cache_update)
-            if index >= first_layer:
-                self._hooks.append(attn.register_forward_pre_hook(self._pre_hook(index)))
-                self._hooks.append(attn.register_forward_hook(self._post_hook(index)))
+                attn.impl.forward = self._selecting(attn.impl.forward)
 
     def _folding(self, write: Callable[..., Any]) -> Callable[..., Any]:
         def do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
@@ -206,35 +205,20 @@ class QueryAwareSelector:
             if cur is not None and cur.held is not None:
                 self.held.store(req_ids, cur.held)
 
-    # --- hooks --------------------------------------------------------------------
-    def _pre_hook(self, index: int):
-        def hook(module, args):
+    # --- the attention call ---------------------------------------------------------
+    def _selecting(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def select_then_attend(layer, query, key, value, kv_cache, attn_metadata, *a, **kw):
             cur = self._current
-            if cur is None:
-                return None
-            t0 = time.perf_counter()
-            md = self._layer_metadata(index, args[0], cur)
-            if md is not None:
-                from vllm.forward_context import get_forward_context
+            index = self._layer_of.get(getattr(layer, "layer_name", ""), -1)
+            if cur is not None and attn_metadata is not None and index >= self._first_layer:
+                t0 = time.perf_counter()
+                restricted = self._layer_metadata(index, query.reshape(query.shape[0], -1), cur)
+                if restricted is not None:
+                    attn_metadata = restricted
+                self._stats().select_s += time.perf_counter() - t0
+            return forward(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
 
-                ctx = get_forward_context()
-                self._saved[index] = ctx.attn_metadata
-                ctx.attn_metadata = {**ctx.attn_metadata, module.layer_name: md}
-            self._stats().select_s += time.perf_counter() - t0
-            return None
-
-        return hook
-
-    def _post_hook(self, index: int):
-        def hook(module, args, output):
-            saved = self._saved.pop(index, None)
-            if saved is not None:
-                from vllm.forward_context import get_forward_context
-
-                get_forward_context().attn_metadata = saved
-            return None
-
-        return hook
+        return select_then_attend
 
     def _rows_at(self, index: int, cur: _Current) -> _Rows | None:
         """The select rows restricted at layer ``index`` (None: none), with everything
