@@ -214,3 +214,118 @@ def check_slash_offsets(slash_offsets: Sequence[int]) -> None:
     bad = [o for o in slash_offsets if o < 0]
     if bad:
         raise ValueError(f"slash offsets must be >= 0 (0 is the current token), got {bad}")
+
+
+# ------------------------------------------------------------- block-granular selections
+# The split-KV kernel reads whole logical blocks (vllm_utio.kernels.selection). These are
+# the selections' definitions, one (sequence, KV head) at a time, in plain Python/torch.
+
+
+def range_blocks(
+    seq_len: int, block_size: int, sink_blocks: int, recent_tokens: int | None
+) -> list[int]:
+    """Sorted logical blocks of ``BlockRanges``: the first ``sink_blocks`` and those holding
+    the last ``recent_tokens`` positions (``None``: all), all of them where they overlap."""
+    total = -(-seq_len // block_size)
+    if recent_tokens is None:
+        return list(range(total))
+    last_len = seq_len - block_size * (total - 1)
+    recent = 1 + max(0, -(-(recent_tokens - last_len) // block_size))
+    if sink_blocks + recent >= total:
+        return list(range(total))
+    return [*range(sink_blocks), *range(total - recent, total)]
+
+
+def vslash_block_set(
+    seq_len: int,
+    block_size: int,
+    sink_blocks: int,
+    recent_tokens: int,
+    slash_offsets: Sequence[int],
+    ranked: Sequence[int],
+    vertical_blocks: int,
+) -> list[int]:
+    """Sorted logical blocks of block-granular vslash: :func:`range_blocks`, the block of
+    each position ``seq_len - 1 - o``, then the first ``vertical_blocks`` entries of
+    ``ranked`` in range and not kept yet (``vllm_utio.attention_policy.vslash_blocks``)."""
+    total = -(-seq_len // block_size)
+    kept = set(range_blocks(seq_len, block_size, sink_blocks, recent_tokens))
+    kept.update((seq_len - 1 - o) // block_size for o in slash_offsets if 0 <= o < seq_len)
+    taken = 0
+    for b in ranked:
+        if taken >= vertical_blocks:
+            break
+        if 0 <= b < total and b not in kept:
+            kept.add(int(b))
+            taken += 1
+    return sorted(kept)
+
+
+def blocks_mask(
+    block_sets: Sequence[Sequence[Sequence[int]]], seq_lens: Sequence[int], block_size: int
+) -> torch.Tensor:
+    """``[num_seqs, H, max(seq_lens)]`` positions of ``block_sets[b][h]`` below each length
+    (the mask :func:`sparse_decode_attention_ref` takes)."""
+    length = max(seq_lens, default=0)
+    heads = len(block_sets[0]) if block_sets else 1
+    mask = torch.zeros(len(block_sets), heads, length, dtype=torch.bool)
+    for b, (per_head, n) in enumerate(zip(block_sets, seq_lens, strict=True)):
+        for h, blocks in enumerate(per_head):
+            for j in blocks:
+                mask[b, h, j * block_size : min((j + 1) * block_size, n)] = True
+    return mask
+
+
+def gather_summaries(
+    packed: torch.Tensor, block_table: torch.Tensor, width: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kmin, kmax)`` fp32 ``[num_seqs, width, num_kv_heads, D]`` of each row's first
+    ``width`` logical blocks, from one layer's packed ``[max | -min]`` summaries
+    ``[num_kv_heads, num_blocks, 2 * D]`` (``vllm_utio.kv_selection.BlockSummaries``)."""
+    dim = packed.shape[-1] // 2
+    ids = block_table[:, :width].long()
+    rows = packed.float()[:, ids]  # [H, S, width, 2D]
+    kmax, neg_min = rows[..., :dim], rows[..., dim:]
+    return (-neg_min).permute(1, 2, 0, 3), kmax.permute(1, 2, 0, 3)
+
+
+def kv_head_bounds(query: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """``[num_seqs, num_kv_heads, NB]`` Quest bound ``sum_c max(q_c * min_c, q_c * max_c)``,
+    the maximum over each KV head's query heads (query ``[num_seqs, num_q_heads, D]``,
+    summaries ``[num_seqs, NB, num_kv_heads, D]``)."""
+    rows, heads, dim = query.shape
+    kv_heads = kmin.shape[2]
+    q = query.double().reshape(rows, 1, kv_heads, heads // kv_heads, dim)
+    lo, hi = kmin.double().unsqueeze(3), kmax.double().unsqueeze(3)
+    bound = torch.maximum(q * lo, q * hi).sum(-1).amax(3)  # [R, NB, kv_heads]
+    return bound.permute(0, 2, 1).float()
+
+
+def select_per_kv_head(
+    bounds: torch.Tensor,
+    seq_lens: Sequence[int],
+    block_size: int,
+    sink_blocks: int,
+    recent_tokens: int,
+    budget_tokens: int,
+) -> list[list[list[int]]]:
+    """Sorted kept blocks per (sequence, head) of ``bounds [num_seqs, H, NB]``: sinks and
+    recent window always, then the highest bounds (ties: lower block first) until
+    ``ceil(budget_tokens / block_size)`` blocks are kept (``vllm_utio.kv_selection``'s
+    rule, one head at a time; bounds at or below -1e38 are never taken)."""
+    budget = max(1, -(-budget_tokens // block_size))
+    out = []
+    for b, n in enumerate(seq_lens):
+        total = -(-n // block_size)
+        base = set(range_blocks(n, block_size, min(sink_blocks, total), recent_tokens))
+        extra = max(budget - len(base), 0)
+        per_head = []
+        for h in range(bounds.shape[1]):
+            row = bounds[b, h, :total].tolist()
+            order = sorted(
+                (j for j in range(total) if j not in base and row[j] > -1e38),
+                key=lambda j, row=row: (-row[j], j),
+            )
+            per_head.append(sorted(base | set(order[:extra])))
+        out.append(per_head)
+    return out
