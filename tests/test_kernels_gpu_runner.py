@@ -245,7 +245,6 @@ class _RunnerState:
 
     def __init__(self, cfg: dict, dense_rows: set[int] = frozenset()):
         from vllm_utio.config import parse_utio_config
-
         from vllm_utio.plans import PlanSet
 
         self.utio_cfg = parse_utio_config({"enabled": True, **cfg})
