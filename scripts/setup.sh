@@ -33,6 +33,8 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# UTIO's C++ CPU ops (select's 'sparq' scoring), compiled once for this machine
+"$PY" -m vllm_utio.cpu_ops
 "$PY" -m vllm_utio.assets.model
 "$PY" -m vllm_utio.assets.data
 # The default model's calibration artifact ("artifact": "default"), a few minutes.

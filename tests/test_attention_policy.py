@@ -193,6 +193,18 @@ def test_vslash_config_errors():
     assert "heads only apply to policy 'select'" in err({"policy": "throttle", "heads": "share"})
     msg = err({"policy": "select", "heads": "share", "top_p": 0.9})
     assert "needs heads='bound'" in msg
+    msg = err({"policy": "select", "scoring": "exact"})
+    assert "'attention_all.scoring': value 'exact'" in msg and "'bound' or 'sparq'" in msg
+    msg = err({"policy": "select", "scoring": "sparq", "top_p": 0.9})
+    assert "top_p only apply to scoring 'bound', not 'sparq'" in msg
+    msg = err({"policy": "select", "sparq_channels": 8})
+    assert "sparq_channels only applies to scoring 'sparq'" in msg
+    assert "'attention_all.sparq_channels': value 0" in err(
+        {"policy": "select", "scoring": "sparq", "sparq_channels": 0}
+    )
+    assert "scoring only apply to policy 'select'" in err(
+        {"policy": "throttle", "scoring": "sparq"}
+    )
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg

@@ -88,6 +88,28 @@ def test_bound_is_an_upper_bound_of_every_key(seed: int):
     assert torch.allclose(one, exact.amax(dim=(2, 3)), atol=1e-4)
 
 
+def test_bf16_summaries_are_exact_and_their_bound_is_within_bf16_rounding():
+    """A bf16 cache keeps bf16 summaries: min/max of bf16 keys are bf16 values (exact), and
+    the bound, a bf16 matmul there, stays within bf16 rounding of the float32 bound."""
+    torch.manual_seed(0)
+    rows, nb, bs, kv_heads, group, dim = 4, 9, 32, 3, 3, 64
+    keys = torch.randn(rows * nb * bs, kv_heads, dim).to(torch.bfloat16)
+    slots = torch.arange(rows * nb * bs)
+    exact = BlockSummaries(1, rows * nb, bs, kv_heads, dim)
+    half = BlockSummaries(1, rows * nb, bs, kv_heads, dim, dtype=torch.bfloat16)
+    exact.fold(0, keys, slots)
+    half.fold(0, keys, slots)
+    assert half.packed.dtype == torch.bfloat16 and half.nbytes * 2 == exact.nbytes
+    assert torch.equal(half.kmin(0), exact.kmin(0)) and torch.equal(half.kmax(0), exact.kmax(0))
+    query = torch.randn(rows, kv_heads * group, dim).to(torch.bfloat16)
+    table = torch.randperm(rows * nb).reshape(rows, nb)
+    want = packed_bound(query, exact.gather(0, table))
+    got = packed_bound(query, half.gather(0, table))
+    assert got.dtype == torch.float32
+    # bf16 keeps 8 significant bits: the result is off by at most ~2^-8 of its size
+    assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-2).all()
+
+
 def test_always_kept_sinks_and_recent_with_partial_last_block():
     bs = 32
     rule = SelectRule(sink_blocks=2, recent_tokens=64, budget_tokens=256)

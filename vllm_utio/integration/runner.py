@@ -179,7 +179,8 @@ class UtioRunnerMixin:
                 self.max_model_len,
                 lambda: self.utio_stats,
             )
-            self._utio_selector.install(first)
+            selects = [p for _, p in self.utio_cfg.policies() if p.policy == "select"]
+            self._utio_selector.install(first, selects)
 
     def _utio_execution(self) -> str:
         mode = self.utio_cfg.execution

@@ -27,7 +27,12 @@ import torch
 
 from vllm_utio.config import AttentionPolicy
 from vllm_utio.integration.attention import with_block_table
-from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
+from vllm_utio.integration.model_stack import (
+    DecoderStack,
+    UnsupportedModelError,
+    affine_strides,
+    key_offsets,
+)
 from vllm_utio.kv_selection import (
     BlockSummaries,
     HeldBlocks,
@@ -97,7 +102,8 @@ class QueryAwareSelector:
         self.stack = stack
         self.block_size = block_size
         self._stats = stats
-        self.summaries: BlockSummaries | None = None
+        self.summaries: BlockSummaries | None = None  # scoring 'bound'
+        self._sparq: SparqScorer | None = None  # scoring 'sparq'
         self.held = HeldBlocks(stack.num_layers, -(-max_model_len // block_size))
         self._layer_of: dict[str, int] = {}
         self._first_layer = 0
@@ -111,26 +117,33 @@ class QueryAwareSelector:
         self.saved_tokens = 0  # KV positions not read by select rows this step, over layers
 
     # --- set-up -------------------------------------------------------------------
-    def install(self, first_layer: int) -> None:
-        """Allocate summaries for the live KV cache and wrap every layer's writes and the
-        attention calls of layers >= ``first_layer``."""
+    def install(self, first_layer: int, policies: list[AttentionPolicy]) -> None:
+        """Set up what the engine's ``select`` ``policies`` score with (block summaries for
+        the live KV cache, or the SparQ op and the cache's key layout) and wrap every
+        layer's writes and the attention calls of layers >= ``first_layer``."""
         attn0 = self.stack.layers[0].self_attn.attn
-        backend = getattr(attn0, "attn_backend", None)
-        if getattr(backend, "forward_includes_kv_cache_update", False):
-            raise UnsupportedModelError(
-                f"UTIO attention policy 'select' keeps block summaries at the backend's K/V "
-                f"write; {getattr(backend, '__name__', backend)} writes K/V inside its "
-                "attention kernel. Use policy 'throttle' or 'vslash' with this backend"
-            )
         cache = attn0.kv_cache
-        self.summaries = BlockSummaries(
-            self.stack.num_layers,
-            int(cache.shape[0]),
-            self.block_size,
-            int(attn0.num_kv_heads),
-            int(attn0.head_size),
-            cache.device,
-        )
+        if any(p.scoring == "bound" for p in policies):
+            backend = getattr(attn0, "attn_backend", None)
+            if getattr(backend, "forward_includes_kv_cache_update", False):
+                raise UnsupportedModelError(
+                    f"UTIO attention policy 'select' (scoring 'bound') keeps block summaries "
+                    f"at the backend's K/V write; {getattr(backend, '__name__', backend)} "
+                    "writes K/V inside its attention kernel. Use scoring 'sparq', or policy "
+                    "'throttle' or 'vslash', with this backend"
+                )
+            self.summaries = BlockSummaries(
+                self.stack.num_layers,
+                int(cache.shape[0]),
+                self.block_size,
+                int(attn0.num_kv_heads),
+                int(attn0.head_size),
+                cache.device,
+                summary_dtype(cache.dtype),
+            )
+        sparq = [p.sparq_channels for p in policies if p.scoring == "sparq"]
+        if sparq:
+            self._sparq = SparqScorer(attn0, max(sparq))
         self._first_layer = first_layer
         wrapped: set[int] = set()
         for index, layer in enumerate(self.stack.layers):
@@ -146,7 +159,7 @@ class QueryAwareSelector:
             out = write(layer, key, value, kv_cache, slot_mapping, *args, **kwargs)
             index = self._layer_of.get(getattr(layer, "layer_name", ""))
             # only the layer's own cache (not, e.g., a layout probe's scratch block)
-            if index is not None and kv_cache is layer.kv_cache and self.summaries is not None:
+            if self.summaries is not None and index is not None and kv_cache is layer.kv_cache:
                 t0 = time.perf_counter()
                 n = slot_mapping.shape[0]
                 keys = key[:n].reshape(n, -1, self.summaries.head_size)
@@ -212,7 +225,8 @@ class QueryAwareSelector:
             index = self._layer_of.get(getattr(layer, "layer_name", ""), -1)
             if cur is not None and attn_metadata is not None and index >= self._first_layer:
                 t0 = time.perf_counter()
-                restricted = self._layer_metadata(index, query.reshape(query.shape[0], -1), cur)
+                flat = query.reshape(query.shape[0], -1)
+                restricted = self._layer_metadata(index, flat, kv_cache, cur)
                 if restricted is not None:
                     attn_metadata = restricted
                 self._stats().select_s += time.perf_counter() - t0
@@ -261,13 +275,15 @@ class QueryAwareSelector:
         )
         return self._rows
 
-    def _layer_metadata(self, index: int, query: torch.Tensor, cur: _Current) -> Any | None:
+    def _layer_metadata(
+        self, index: int, query: torch.Tensor, kv_cache: torch.Tensor, cur: _Current
+    ) -> Any | None:
         """Backend metadata of this layer with the select rows restricted (None: none)."""
         rows = self._rows_at(index, cur)
         if rows is None:
             return None
         cm = cur.common
-        kept = self._kept(index, query[rows.query_rows.to(query.device)], rows, cur)
+        kept = self._kept(index, query[rows.query_rows.to(query.device)], kv_cache, rows, cur)
         width = kept.shape[1]
         new_rows, new_lens = restrict_rows(rows.table.cpu(), rows.seq_lens, kept, self.block_size)
         self.saved_tokens += int((rows.seq_lens - new_lens).sum())
@@ -300,20 +316,28 @@ class QueryAwareSelector:
         self._reuse = _Built(cm, local, kept, new_lens, metadata)
         return metadata
 
-    def _kept(self, index: int, query: torch.Tensor, rows: _Rows, cur: _Current) -> torch.Tensor:
+    def _kept(
+        self, index: int, query: torch.Tensor, kv_cache: torch.Tensor, rows: _Rows, cur: _Current
+    ) -> torch.Tensor:
         """``[R, NB]`` kept-block mask of the select rows (grouped by policy); records
         the ranked blocks of rows that hold them."""
         bs = self.block_size
-        summaries = self.summaries
-        packed = summaries.gather(index, rows.table)  # [G, R, NB, 2D]
-        heads = query.shape[-1] // summaries.head_size
-        per_head = head_bounds(query.reshape(len(rows.local), heads, -1), packed)
+        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
+        query = query.reshape(len(rows.local), -1, head_size)
         scale = self.stack.attention_scale(index)
-        width = per_head.shape[-1]
+        width = rows.table.shape[1]
         kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
+        per_head = None  # every row's q.k bounds, when a 'bound' group needs them
         for mask, policy, plan in rows.groups:
             rule = _rule(policy, bs, scale)
-            rank = combine_heads(per_head[:, mask], policy.heads, plan.valid, scale).cpu()
+            if policy.scoring == "sparq":
+                rank = self._sparq.rank(
+                    query[mask], kv_cache, rows.table[mask], plan.seq_lens, policy, scale, width
+                )
+            else:
+                if per_head is None:
+                    per_head = head_bounds(query, self.summaries.gather(index, rows.table))
+                rank = combine_heads(per_head[:, mask], policy.heads, plan.valid, scale).cpu()
             held = None
             if rule.hold_steps and cur.held is not None:
                 last = cur.held[rows.held_rows[mask], index, :width]  # [r, NB]
@@ -323,6 +347,72 @@ class QueryAwareSelector:
                 stamp = torch.where(ranked, plan.seq_lens.to(torch.int32).reshape(-1, 1), last)
                 cur.held[rows.held_rows[mask], index, :width] = stamp
         return kept
+
+
+class SparqScorer:
+    """Scoring 'sparq' over vLLM's paged CPU cache: the C++ op of :mod:`vllm_utio.cpu_ops`
+    (spec: :func:`vllm_utio.kv_selection.sparq_block_mass`) reading each key's chosen
+    channels where the backend stored them (layout learned through its own write)."""
+
+    def __init__(self, attn: Any, channels: int) -> None:
+        from vllm_utio.cpu_ops import load
+
+        cache = attn.kv_cache
+        self.head_size, self.kv_heads = int(attn.head_size), int(attn.num_kv_heads)
+        if channels > self.head_size:
+            raise UnsupportedModelError(
+                f"UTIO config field 'sparq_channels': value {channels} exceeds the model's "
+                f"head size; allowed: 1..{self.head_size}"
+            )
+        if cache.device.type != "cpu" or not cache[0].is_contiguous():
+            raise UnsupportedModelError(
+                "UTIO select scoring 'sparq' runs on the CPU backend's paged cache only; "
+                "use scoring 'bound' here"
+            )
+        offsets = key_offsets(attn, cache)
+        layout = affine_strides(offsets) if offsets is not None else None
+        if layout is None:
+            raise UnsupportedModelError(
+                "UTIO select scoring 'sparq' could not learn where this KV cache stores each "
+                f"key channel ({cache.dtype}); use scoring 'bound'"
+            )
+        start, (self.s_tok, self.s_head, self.s_chan) = layout
+        self.start = start
+        self.op = load()  # compiled on first use (set-up builds it once)
+
+    def rank(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        policy: AttentionPolicy,
+        scale: float,
+        width: int,
+    ) -> torch.Tensor:
+        """``[r, width]`` block ranks of rows ``query`` ``[r, H, D]`` (0 past a row's end)."""
+        mass = self.op.sparq_block_mass(
+            query.float().contiguous(),
+            kv_cache,
+            kv_cache.stride(0),
+            self.start,
+            self.s_tok,
+            self.s_head,
+            self.s_chan,
+            table.to(torch.long),
+            seq_lens.to(torch.long),
+            self.kv_heads,
+            kv_cache.shape[2],
+            policy.sparq_channels,
+            scale,
+        )
+        return torch.nn.functional.pad(mass, (0, width - mass.shape[1]))
+
+
+def summary_dtype(cache_dtype: torch.dtype) -> torch.dtype:
+    """The summaries' dtype for a KV cache of ``cache_dtype``: the keys' own where min/max
+    of them are exact in it (bf16, fp16), else float32 (e.g. an fp8 cache)."""
+    return cache_dtype if cache_dtype in (torch.bfloat16, torch.float16) else torch.float32
 
 
 def _rule(policy: AttentionPolicy, block_size: int, scale: float) -> SelectRule:

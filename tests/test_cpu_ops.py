@@ -1,0 +1,79 @@
+"""UTIO's C++ CPU op for select's 'sparq' scoring equals its torch spec
+(``kv_selection.sparq_block_mass``) over paged caches in two key layouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_utio.kv_selection import sparq_block_mass
+
+G, D, BS = 3, 64, 32
+
+
+def _paged(lens: torch.Tensor, dtype: torch.dtype, layout: str, seed: int):
+    """A cache ``[blocks, G, BS, 2D]`` with K at ``(start, s_tok, s_head, s_chan)`` in each
+    block, scattered block tables, and the rows' keys in logical order ``[R, T, G, D]``."""
+    gen = torch.Generator().manual_seed(seed)
+    nbs = (lens + BS - 1) // BS
+    total = int(nbs.sum()) + 3
+    cache = torch.randn(total, G, BS, 2 * D, generator=gen).to(dtype)
+    # 'token-inner': the CPU backend's 'vec' layout, K per head as [D, BS]; else channels
+    # innermost, K in the first half of each token's row
+    token_inner = (0, 1, 2 * BS * D, BS)
+    strides = token_inner if layout == "token-inner" else (0, 2 * D, BS * 2 * D, 1)
+    start, s_tok, s_head, s_chan = strides
+    width = int(nbs.max()) + 1
+    perm = torch.randperm(total, generator=gen)
+    table = torch.zeros(len(lens), width, dtype=torch.long)
+    used = 0
+    for r, n in enumerate(nbs.tolist()):
+        table[r, :n] = perm[used : used + n]
+        used += n
+    tok, head, chan = torch.meshgrid(
+        torch.arange(BS), torch.arange(G), torch.arange(D), indexing="ij"
+    )
+    offsets = (start + tok * s_tok + head * s_head + chan * s_chan).reshape(-1)
+    keys = cache.reshape(total, -1)[table.reshape(-1)][:, offsets]
+    keys = keys.reshape(len(lens), width * BS, G, D)
+    return cache, strides, table, keys
+
+
+@pytest.mark.parametrize("layout", ["token-inner", "channel-inner"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("channels", [1, 16, 64])
+def test_sparq_op_equals_the_spec(layout: str, dtype: torch.dtype, channels: int):
+    from vllm_utio.cpu_ops import load
+
+    op = load()
+    lens = torch.tensor([1, BS - 1, BS, 7 * BS + 3, 25 * BS])  # partial and full last blocks
+    cache, strides, table, keys = _paged(lens, dtype, layout, seed=channels)
+    query = torch.randn(len(lens), 3 * G, D, generator=torch.Generator().manual_seed(1)) * 3
+    scale = D**-0.5
+    want = sparq_block_mass(query, keys, lens, BS, channels, scale)
+    got = op.sparq_block_mass(
+        query, cache, cache.stride(0), *strides, table, lens, G, BS, channels, scale
+    )
+    assert got.shape == want.shape == (len(lens), 25)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    # a row's blocks hold its whole attention for each head: the best block's share is
+    # at least 1 / blocks, and nothing past the row's end is ranked
+    blocks = (lens + BS - 1) // BS
+    for r, n in enumerate(blocks.tolist()):
+        assert got[r, :n].max() >= 1.0 / n - 1e-6
+        assert (got[r, n:] == 0).all()
+
+
+def test_sparq_spec_with_every_channel_is_the_true_attention_mass():
+    """With all channels kept, the estimate is exact: each block's largest per-head share
+    of the true softmax attention."""
+    lens = torch.tensor([5 * BS + 2, 3 * BS])
+    _, _, _, keys = _paged(lens, torch.float32, "token-inner", seed=3)
+    query = torch.randn(2, 3 * G, D)
+    got = sparq_block_mass(query, keys, lens, BS, D, D**-0.5)
+    for r, n in enumerate(lens.tolist()):
+        k = keys[r, :n].repeat_interleave(3, dim=1)  # [n, H, D], head h reads KV head h // 3
+        probs = torch.softmax((query[r][None] * k).sum(-1) * D**-0.5, dim=0)  # [n, H]
+        padded = torch.nn.functional.pad(probs, (0, 0, 0, -n % BS))
+        mass = padded.reshape(-1, BS, 3 * G).sum(1).amax(-1)
+        torch.testing.assert_close(got[r, : len(mass)], mass, atol=1e-6, rtol=1e-5)

@@ -1,0 +1,155 @@
+// Query-aware block ranking from approximate per-key scores (SparQ, Ribar et al. 2024),
+// read straight from vLLM's paged CPU KV cache.
+//
+// For each row (a decode token) and KV head: the `channels` channels with the largest
+// |q| summed over the KV head's query heads are chosen; every cached key of the row is
+// scored on those channels only (scaled by SparQ's temperature), each query head's scores
+// are softmaxed over the row's positions, and a block's mass is the sum over its
+// positions. The output is a block's largest mass over all query heads: what one block
+// table shared by every head should keep. The torch spec is
+// vllm_utio.kv_selection.sparq_block_mass; this op reads the keys where they are (a
+// channel of a block is a contiguous run in the CPU backend's layout), so it touches
+// `channels / head_size` of the K bytes and nothing else.
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+// keys as float; bf16 by its bits (a shift), so the loops below vectorize
+inline float to_float(float v) { return v; }
+inline float to_float(at::Half v) { return static_cast<float>(v); }
+inline float to_float(at::BFloat16 v) {
+  const uint32_t bits = static_cast<uint32_t>(v.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+template <typename scalar_t>
+void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, int64_t start,
+               int64_t s_tok, int64_t s_head, int64_t s_chan, const int64_t* table,
+               int64_t table_width, const int64_t* lens, int64_t num_heads, int64_t kv_heads,
+               int64_t head_size, int64_t block_size, int64_t channels, double scale,
+               int64_t width, float* out, int64_t row_begin, int64_t row_end) {
+  const int64_t per_kv = num_heads / kv_heads;
+  std::vector<int64_t> order(head_size);
+  std::vector<float> weight(head_size), qr(per_kv * channels), inv_temp(per_kv);
+  std::vector<float> acc, key(block_size);
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const int64_t len = lens[r];
+    const int64_t nb = (len + block_size - 1) / block_size;
+    float* row_out = out + r * width;
+    std::fill(row_out, row_out + width, 0.0f);
+    if (len <= 0) continue;
+    acc.assign(per_kv * nb * block_size, 0.0f);
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      const float* q = query + (r * num_heads + g * per_kv) * head_size;  // [per_kv, D]
+      // the group's strongest channels
+      for (int64_t c = 0; c < head_size; ++c) {
+        float w = 0.0f;
+        for (int64_t h = 0; h < per_kv; ++h) w += std::fabs(q[h * head_size + c]);
+        weight[c] = w;
+      }
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + channels, order.end(),
+                        [&](int64_t a, int64_t b) { return weight[a] > weight[b]; });
+      for (int64_t h = 0; h < per_kv; ++h) {
+        float part = 0.0f, whole = 0.0f;
+        for (int64_t c = 0; c < head_size; ++c) whole += std::fabs(q[h * head_size + c]);
+        for (int64_t j = 0; j < channels; ++j) {
+          qr[h * channels + j] = q[h * head_size + order[j]];
+          part += std::fabs(qr[h * channels + j]);
+        }
+        // SparQ's temperature: the chosen channels carry `part / whole` of |q|
+        const float ratio = whole > 0.0f ? std::max(part / whole, 1e-6f) : 1.0f;
+        inv_temp[h] = static_cast<float>(scale) / std::sqrt(ratio);
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t n = 0; n < nb; ++n) {
+        const int64_t block = table[r * table_width + n];
+        const int64_t count = std::min(block_size, len - n * block_size);
+        const scalar_t* base = cache + block * block_stride + start + g * s_head;
+        for (int64_t j = 0; j < channels; ++j) {
+          // one channel of the block's keys: a contiguous run when tokens are innermost
+          const scalar_t* k = base + order[j] * s_chan;
+          float* kf = key.data();
+          if (s_tok == 1) {
+            for (int64_t s = 0; s < count; ++s) kf[s] = to_float(k[s]);
+          } else {
+            for (int64_t s = 0; s < count; ++s) kf[s] = to_float(k[s * s_tok]);
+          }
+          for (int64_t h = 0; h < per_kv; ++h) {
+            const float qv = qr[h * channels + j];
+            float* a = acc.data() + (h * nb + n) * block_size;
+            for (int64_t s = 0; s < count; ++s) a[s] += qv * kf[s];
+          }
+        }
+      }
+      for (int64_t h = 0; h < per_kv; ++h) {
+        float* a = acc.data() + h * nb * block_size;
+        const float it = inv_temp[h];
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) top = std::max(top, a[t] * it);
+        float total = 0.0f;
+        for (int64_t t = 0; t < len; ++t) {  // vectorized expf (libmvec) under -ffast-math
+          a[t] = std::exp(a[t] * it - top);
+          total += a[t];
+        }
+        for (int64_t n = 0; n < nb; ++n) {
+          const int64_t count = std::min(block_size, len - n * block_size);
+          float mass = 0.0f;
+          for (int64_t s = 0; s < count; ++s) mass += a[n * block_size + s];
+          row_out[n] = std::max(row_out[n], mass / total);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+torch::Tensor sparq_block_mass(torch::Tensor query, torch::Tensor cache, int64_t block_stride,
+                               int64_t start, int64_t s_tok, int64_t s_head, int64_t s_chan,
+                               torch::Tensor table, torch::Tensor lens, int64_t kv_heads,
+                               int64_t block_size, int64_t channels, double scale) {
+  TORCH_CHECK(query.dim() == 3 && query.scalar_type() == torch::kFloat32, "query [R, H, D] f32");
+  // blocks may be strided (block_stride); the offsets address inside one block
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt64, "table [R, W] int64");
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64, "lens [R] int64");
+  query = query.contiguous();
+  table = table.contiguous();
+  lens = lens.contiguous();
+  const int64_t rows = query.size(0), num_heads = query.size(1), head_size = query.size(2);
+  TORCH_CHECK(num_heads % kv_heads == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(channels > 0 && channels <= head_size, "channels must be in 1..head_size");
+  const int64_t longest = rows ? lens.max().item<int64_t>() : 0;
+  const int64_t width = (longest + block_size - 1) / block_size;
+  TORCH_CHECK(width <= table.size(1), "a row has more blocks than its table");
+  auto out = torch::zeros({rows, width}, query.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::ScalarType::BFloat16, at::ScalarType::Half, cache.scalar_type(), "sparq_block_mass",
+      [&] {
+        const auto* q = query.data_ptr<float>();
+        const auto* c = cache.data_ptr<scalar_t>();
+        const auto* tb = table.data_ptr<int64_t>();
+        const auto* ln = lens.data_ptr<int64_t>();
+        auto* o = out.data_ptr<float>();
+        at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+          rank_rows<scalar_t>(q, c, block_stride, start, s_tok, s_head, s_chan, tb,
+                              table.size(1), ln, num_heads, kv_heads, head_size, block_size,
+                              channels, scale, width, o, begin, end);
+        });
+      });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sparq_block_mass", &sparq_block_mass,
+        "largest per-head softmax mass of each block from approximate per-key scores");
+}
