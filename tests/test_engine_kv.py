@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import BUCKETS, model_path
+from fill_check import fused_fill_tokens
 from kv_check import kv_relative_errors, run_until
 
 pytestmark = pytest.mark.engine
@@ -26,8 +27,11 @@ def _params(bucket: str, max_tokens: int):
 def test_skipped_layers_hold_frozen_state_kv(forced_llm):
     engine = forced_llm.llm_engine
     prompt = "The history of the river valley is long. " * 12
+    fused_before = forced_llm.collective_rpc(fused_fill_tokens)[0]
     engine.add_request("kv-a", prompt, _params("shallow", 64))
     cached = run_until(engine, "kv-a", 40)
+    # the skipped span's K/V came from the fused fill (one projection for all its layers)
+    assert forced_llm.collective_rpc(fused_fill_tokens)[0] - fused_before >= 39
     prompt_len = len(forced_llm.get_tokenizer().encode(prompt))
     ranges = [(prompt_len, cached, *SHALLOW)]
     errors = forced_llm.collective_rpc(
@@ -56,9 +60,11 @@ def test_prefix_cache_hit_reads_frozen_state_kv(forced_llm):
     prompt = "A note on the weather in the mountain villages. " * 30
     tok = forced_llm.get_tokenizer()
     prompt_ids = tok.encode(prompt)
+    fused_before = forced_llm.collective_rpc(fused_fill_tokens)[0]
     first = forced_llm.generate(
         [{"prompt_token_ids": prompt_ids}], _params("shallow", 200), use_tqdm=False
     )[0]
+    assert forced_llm.collective_rpc(fused_fill_tokens)[0] - fused_before >= 199
     generated = list(first.outputs[0].token_ids)
     continuation = prompt_ids + generated[:180]
     engine = forced_llm.llm_engine

@@ -36,8 +36,23 @@ def _signal_state(wrapper) -> dict:
     return {"live": len(runner._utio_signals), "requests": len(runner.requests)}
 
 
+def _entropy_compiled(_wrapper) -> tuple[bool, int]:
+    """Whether the entropy pass is compiled, and the worker's dynamo graphs (this eager
+    engine compiles nothing else)."""
+    import torch
+
+    from vllm_utio.routing import entropy
+
+    return entropy.compiled_in_use(), int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+
+
 def test_surrogate_routing_is_real(surrogate_llm):
+    # the entropy pass was compiled at load (make_router), inside vLLM's worker
+    compiled, graphs = surrogate_llm.collective_rpc(_entropy_compiled)[0]
+    assert compiled and graphs >= 1
     tokens = greedy(surrogate_llm)
+    # ... and routing real batches compiled nothing more
+    assert surrogate_llm.collective_rpc(_entropy_compiled)[0] == (True, graphs)
     stats = surrogate_llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
     print("surrogate routing:", stats["rows_per_level"], f"saved {stats['saved_fraction']:.3f}")
     assert all(len(t) == MAX_TOKENS for t in tokens)

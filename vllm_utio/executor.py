@@ -7,6 +7,11 @@ written from their frozen residual stream. Rows rejoining the tail after a skipp
 span (or reaching the final norm after truncation) pass through their level's exit
 correction. Output: final-normed hidden states for every token, in the step's order.
 
+K/V fill: a level's whole skipped span is filled at once, where the span starts, by one
+fused projection (:mod:`vllm_utio.integration.kv_fill`); a span that cannot be fused (its
+layers differ), or whose rows a mid-forward router may still change, is filled layer by
+layer from the rows skipping each layer (the reference path).
+
 Two schedules: ``nested`` (shared layers run once over a shrinking prefix) and
 ``per_bucket`` (the UTIO paper's: each level runs separately from layer 0).
 Rows of a sub-batch are a slice when the batch is ordered deepest first ("prefix")
@@ -26,8 +31,12 @@ import torch
 
 from vllm_utio.corrections import Correction
 from vllm_utio.integration.attention import SubBatch, token_selector
+from vllm_utio.integration.kv_fill import SpanKVFill
 from vllm_utio.integration.model_stack import DecoderStack
+from vllm_utio.log import get_logger
 from vllm_utio.plans import PlanSet
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -74,12 +83,17 @@ class DepthExecutor:
         corrections: list[Correction | None],
         schedule: str,
         heat_layer: int,
+        fused_fill: bool = True,
     ) -> None:
         self.stack = stack
         self.plan_set = plan_set
         self.corrections = corrections  # per level (index 0 = full depth, always None)
         self.schedule = schedule
         self.heat_layer = heat_layer
+        # per level: the fused fill of its skipped span (None: full depth or per-layer fill)
+        self.span_fills = _span_fills(stack, plan_set) if fused_fill else [None] * len(corrections)
+        self._fused = np.array([f is not None for f in self.span_fills])
+        self.fused_fill_tokens = 0  # tokens filled by the fused path (tests read it)
         self._running = [plan_set.levels_running(layer) for layer in range(stack.num_layers)]
         # corrected levels by the layer where they rejoin (num_layers: before the final norm)
         self._rejoins: dict[int, list[int]] = {}
@@ -99,6 +113,7 @@ class DepthExecutor:
         subs: dict[int, SubBatch] = {}
         skips: dict[int, torch.Tensor | slice | None] = {}
         residual: torch.Tensor | None = None
+        fused = self._fused_levels(plan)
         for layer in range(self.stack.num_layers):
             n = self._running[layer]
             if n not in subs:
@@ -110,8 +125,8 @@ class DepthExecutor:
                 for level in self._rejoins.get(layer, ()):
                     self._correct(level, hidden, residual, plan)
                 if skips[n] is not None:
-                    result.kv_fill_layer_tokens += self._fill_skipped(
-                        layer, hidden, residual, positions, skips[n], plan
+                    result.kv_fill_layer_tokens += self._fill_nested(
+                        layer, n, hidden, residual, positions, skips[n], plan, fused
                     )
             if sub.num_tokens == 0:
                 continue
@@ -163,6 +178,43 @@ class DepthExecutor:
             result.heat_inputs.append(sink)
         return hidden, residual
 
+    def _fused_levels(self, plan: StepPlan) -> np.ndarray:
+        """Per level: is its span filled fused this step. A span that starts before a
+        mid-forward routing decision is not: its rows may change at the routing layer."""
+        if plan.route_mid is None or plan.route_layer is None:
+            return self._fused
+        starts = np.array([p.skip_start for p in self.plan_set.plans])
+        return self._fused & (starts > plan.route_layer)
+
+    def _fill_nested(self, layer, n, hidden, residual, positions, skip_sel, plan, fused) -> int:
+        """K/V of layer ``layer`` for the rows skipping it (levels >= n)."""
+        if not fused.any():
+            return self._fill_skipped(layer, hidden, residual, positions, skip_sel, plan)
+        tokens = 0
+        for level in range(n, self.plan_set.num_levels):
+            fill = self.span_fills[level]
+            if fused[level] and fill is not None and fill.layers[0] == layer:
+                tokens += self._fill_span(
+                    fill, plan.levels == level, hidden, residual, positions, plan
+                )
+        rest = (plan.levels >= n) & ~fused[plan.levels]
+        if rest.any():
+            sel = self._rows_tokens(rest, plan)
+            tokens += self._fill_skipped(layer, hidden, residual, positions, sel, plan)
+        return tokens
+
+    def _fill_span(self, fill: SpanKVFill, rows_mask, hidden, residual, positions, plan) -> int:
+        """Every layer of ``fill``'s span for the rows in ``rows_mask``, in one projection."""
+        sel = self._rows_tokens(rows_mask, plan)
+        if sel is None:
+            return 0
+        sel = _device_sel(sel, hidden.device)
+        stream = _take(hidden, sel) + _take(residual, sel)
+        slots = [plan.step_slot_mapping[name][sel] for name in fill.layer_names]
+        fill.write(_take(positions, sel), stream, slots)
+        self.fused_fill_tokens += int(stream.shape[0])
+        return int(stream.shape[0]) * len(fill.layers)
+
     def _fill_skipped(self, layer, hidden, residual, positions, skip_sel, plan) -> int:
         sel = _device_sel(skip_sel, hidden.device)
         stream = _take(hidden, sel) + _take(residual, sel)
@@ -199,7 +251,16 @@ class DepthExecutor:
             h = _take(hidden, sel).clone()
             pos = _take(positions, sel)
             res: torch.Tensor | None = None
+            fill = self.span_fills[level]
             for layer in range(self.stack.num_layers):
+                if not plan_k.runs(layer) and fill is not None:
+                    if layer == fill.layers[0]:
+                        assert res is not None
+                        slots = [plan.step_slot_mapping[name][sel] for name in fill.layer_names]
+                        fill.write(pos, h + res, slots)
+                        self.fused_fill_tokens += int(h.shape[0])
+                        result.kv_fill_layer_tokens += int(h.shape[0]) * len(fill.layers)
+                    continue
                 if not plan_k.runs(layer):
                     assert res is not None
                     stream = h + res
@@ -231,6 +292,25 @@ class DepthExecutor:
             _put(out, sel, self.stack.final_norm(h, res))
         result.hidden = out
         return result
+
+
+def _span_fills(stack: DecoderStack, plan_set: PlanSet) -> list[SpanKVFill | None]:
+    """The fused fill of each level's skipped span (shared by levels with the same span)."""
+    by_span: dict[range, SpanKVFill | None] = {}
+    fills: list[SpanKVFill | None] = []
+    for plan_k in plan_set.plans:
+        span = range(plan_k.skip_start, plan_k.skip_stop)
+        if not len(span):
+            fills.append(None)
+            continue
+        if span not in by_span:
+            fill = stack.span_fill(span)
+            if isinstance(fill, str):
+                logger.info("UTIO: layers %s get their K/V filled per layer: %s", span, fill)
+                fill = None
+            by_span[span] = fill
+        fills.append(by_span[span])
+    return fills
 
 
 def _selector(rows: np.ndarray, query_start_loc: np.ndarray) -> slice | torch.Tensor:

@@ -4,8 +4,9 @@ vLLM's ``LlamaModel.forward`` is: embed, ``h, res = layer(positions, h, res)`` f
 decoder layer, then ``norm(h, res)``. The true residual stream after a layer is
 ``h + res`` (the next layer's fused add+RMSNorm adds them). This adapter exposes those
 pieces plus the one thing a skipped layer still owes the paged cache: K/V computed from
-the frozen stream (input norm -> K/V projection -> RoPE -> the backend's cache write), and
-reading a layer's cached K back (for the vslash policy's vertical estimate).
+the frozen stream (input norm -> K/V projection -> RoPE -> the backend's cache write; per
+layer here, for a whole span at once in :mod:`.kv_fill`), and reading a layer's cached K
+back (for the vslash policy's vertical estimate).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from vllm_utio.integration.kv_fill import SpanKVFill, build_span_fill
 
 
 class UnsupportedModelError(RuntimeError):
@@ -76,10 +79,11 @@ class DecoderStack:
         out, _ = self.model.norm(hidden, residual)
         return out
 
-    def write_skipped_kv(
-        self, index: int, positions: torch.Tensor, stream: torch.Tensor, slot_mapping: torch.Tensor
-    ) -> None:
-        """Write layer ``index``'s K/V for tokens whose residual stream is ``stream``."""
+    def skipped_kv(
+        self, index: int, positions: torch.Tensor, stream: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``index``'s K (post-RoPE) and V, ``[N, kv_heads, head_size]``, for tokens
+        whose residual stream is ``stream``: the per-layer reference of the fused fill."""
         layer = self.layers[index]
         attn_mod = layer.self_attn
         normed = layer.input_layernorm(stream)
@@ -87,13 +91,26 @@ class DecoderStack:
         q, k, v = qkv.split([attn_mod.q_size, attn_mod.kv_size, attn_mod.kv_size], dim=-1)
         _, k = attn_mod.rotary_emb(positions, q, k)
         attn = attn_mod.attn
-        attn.impl.do_kv_cache_update(
-            attn,
-            k.reshape(-1, attn.num_kv_heads, attn.head_size),
-            v.reshape(-1, attn.num_kv_heads, attn.head_size),
-            attn.kv_cache,
-            slot_mapping,
-        )
+        shape = (-1, attn.num_kv_heads, attn.head_size)
+        return k.reshape(shape), v.reshape(shape)
+
+    def write_kv(
+        self, index: int, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write K/V into layer ``index``'s paged cache through the backend's own op."""
+        attn = self.layers[index].self_attn.attn
+        attn.impl.do_kv_cache_update(attn, key, value, attn.kv_cache, slot_mapping)
+
+    def write_skipped_kv(
+        self, index: int, positions: torch.Tensor, stream: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Write layer ``index``'s K/V for tokens whose residual stream is ``stream``."""
+        self.write_kv(index, *self.skipped_kv(index, positions, stream), slot_mapping)
+
+    def span_fill(self, indices: range) -> SpanKVFill | str:
+        """The fused K/V fill of skipped layers ``indices`` (one projection for all), or
+        why they cannot share one (the per-layer path then fills them)."""
+        return build_span_fill(self.layers, list(indices))
 
     @contextmanager
     def capture_attention(self, index: int, sink: dict[str, Any]):

@@ -16,6 +16,7 @@ import numpy as np
 from vllm_utio.config import UtioConfig
 from vllm_utio.log import get_logger
 from vllm_utio.request_controls import BUCKET_KEY, FULL_DEPTH
+from vllm_utio.routing import entropy
 from vllm_utio.routing.bucketing import levels_from_scores
 
 logger = get_logger(__name__)
@@ -85,4 +86,8 @@ def make_router(cfg: UtioConfig) -> Router:
     """The pre-step router ('probe' routes mid-forward instead, see routing/probe.py)."""
     if cfg.router == "forced":
         return ForcedRouter(cfg)
+    w = cfg.signal
+    uses_entropy = cfg.router == "surrogate" and (w.entropy or w.varentropy)
+    if uses_entropy and cfg.buckets and not cfg.speculate:
+        entropy.configure(cfg.entropy_pass == "compiled")  # compiles now, while loading
     return SurrogateRouter(cfg)

@@ -16,6 +16,11 @@ before the step runs. Formulas (V = vocabulary size, p = softmax(logits)):
                 that pulls in other positions' content gets a high heat. It is read from the
                 real attention computation of the previous step, at no extra kernel cost.
 - score = sum_c w_c * c / sum_c w_c with the configured weights.
+
+Entropy and varentropy are computed in one compiled pass over the vocabulary, from the
+log-partition and the first two moments of the logits (equal to the formulas above up to
+float32 rounding, below 1e-5 of each normalised component; routing/entropy.py), unless
+`entropy_pass` is "exact".
 """
 
 from __future__ import annotations
@@ -25,12 +30,22 @@ import math
 import torch
 
 from vllm_utio.config import SignalWeights
+from vllm_utio.routing import entropy
 
 COMPONENTS = ("entropy", "attention_heat", "outlier", "varentropy")
 
 
 def entropy_and_varentropy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalized entropy and varentropy of softmax(logits) per row; [N, V] -> 2 x [N]."""
+    if not entropy.enabled():  # entropy_pass: "exact"
+        return entropy_and_varentropy_exact(logits)
+    h, var = entropy.entropy_varentropy_nats(logits)
+    log_v = math.log(logits.shape[-1])
+    return (h / log_v).clamp(0.0, 1.0), (var / log_v**2).clamp(0.0, 1.0)
+
+
+def entropy_and_varentropy_exact(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference of :func:`entropy_and_varentropy`: the log_softmax form, eager."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     p = logp.exp()
     h = -(p * logp).sum(-1)
