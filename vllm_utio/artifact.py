@@ -17,11 +17,11 @@ the model being served; the workers receive the expanded config.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vllm_utio.artifact_check import ArtifactError, check_files, check_manifest, read_manifest
 from vllm_utio.config import UtioConfigError, parse_utio_config
 from vllm_utio.paths import default_artifact_dir
 
@@ -32,10 +32,6 @@ ROUTER_FILE = "router.safetensors"
 # Config fields the user may set next to an artifact, overriding its values (the
 # fields it provides outright, buckets and probe_path, are refused by UtioConfig).
 OVERRIDABLE = ("router", "signal", "routing_layer")
-
-
-class ArtifactError(UtioConfigError):
-    """The artifact is unreadable or does not belong to the given model."""
 
 
 def model_fingerprint(model_path: str | Path) -> str:
@@ -100,18 +96,19 @@ def artifact_dir(value: str) -> Path:
 
 
 def load_artifact(directory: str | Path, model_path: str | Path) -> Artifact:
-    """Read an artifact and check it was made for the model at ``model_path``."""
+    """Read an artifact, check it was made for the model at ``model_path``, and check
+    that every file it names loads and fits the manifest and the model
+    (:mod:`vllm_utio.artifact_check`)."""
     directory = Path(directory)
     file = directory / MANIFEST
-    if not file.is_file():
-        raise ArtifactError(f"{directory}: no {MANIFEST}; not a calibration artifact")
-    manifest = json.loads(file.read_text())
+    manifest = read_manifest(directory, MANIFEST)
     if manifest.get("format") != ARTIFACT_FORMAT or manifest.get("version") != ARTIFACT_VERSION:
         raise ArtifactError(
             f"{file}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
             f"expected {ARTIFACT_FORMAT!r} version {ARTIFACT_VERSION}"
         )
-    want = manifest.get("model", {}).get("fingerprint")
+    check_manifest(manifest, file)
+    want = manifest["model"].get("fingerprint")
     have = model_fingerprint(model_path)
     if want != have:
         raise ArtifactError(
@@ -119,6 +116,7 @@ def load_artifact(directory: str | Path, model_path: str | Path) -> Artifact:
             f"{str(want)[:16]}..., the model at {model_path} has {have[:16]}... "
             "(config.json or weights differ); re-run `vllm-utio calibrate` for this model"
         )
+    check_files(directory, manifest, file, model_path)
     return Artifact(directory, manifest)
 
 
@@ -150,7 +148,12 @@ def artifact_to_utio_config(artifact: Artifact, router: str | None = None) -> di
         config["signal"] = dict(settings["signal"])
     if settings.get("routing_layer") is not None:
         config["routing_layer"] = int(settings["routing_layer"])
-    parse_utio_config(config)  # fail here, not in the engine
+    try:  # fail here, not in the engine
+        parse_utio_config(config)
+    except UtioConfigError as err:
+        raise ArtifactError(
+            f"{artifact.directory / MANIFEST}: its settings are no valid UTIO config: {err}"
+        ) from None
     return config
 
 

@@ -33,6 +33,10 @@ SUBCOMMANDS = {
     "report": ("vllm_utio.benchmarking.report", "markdown report and plots from a results file"),
     "setup-assets": ("vllm_utio.assets.cli", "build the default model and evaluation text"),
     "calibrate": ("vllm_utio.calibration.cli", "fit layer plans, exit corrections and a router"),
+    "soak": (
+        "vllm_utio.soak.cli",
+        "vllm serve under load, faults and bad input: nothing lost, leaked or 5xx",
+    ),
 }
 
 

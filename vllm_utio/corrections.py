@@ -49,7 +49,18 @@ def load_correction(
     path: str | Path, hidden_size: int, dtype: torch.dtype, device: torch.device | str = "cpu"
 ) -> Correction:
     _, tensors = load_tagged(path, FORMAT, VERSION, "correction")
-    corr = Correction(tensors["down"], tensors["up"], tensors.get("bias"))
+    missing = [k for k in ("down", "up") if k not in tensors]
+    if missing:
+        raise ValueError(f"{path}: correction file lacks tensor(s) {missing}")
+    try:  # the workers load this too: every error names the file
+        corr = Correction(tensors["down"], tensors["up"], tensors.get("bias"))
+    except (ValueError, RuntimeError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if corr.bias.shape != (corr.hidden_size,):
+        raise ValueError(
+            f"{path}: correction bias has shape {list(corr.bias.shape)}, "
+            f"expected [{corr.hidden_size}]"
+        )
     if corr.hidden_size != hidden_size:
         raise ValueError(
             f"{path}: correction is for hidden size {corr.hidden_size}, the model has {hidden_size}"

@@ -99,7 +99,10 @@ class Study:
         from vllm_utio.evaluation.reference import ReferenceLlama
 
         model = ReferenceLlama.from_pretrained(self.settings.model)
-        raw = torch.load(cache, weights_only=False)
+        # weights_only: tensors, plain containers and Windows; never unpickle arbitrary
+        # objects from a file in a user-chosen directory
+        with torch.serialization.safe_globals([cdata.Window]):
+            raw = torch.load(cache, weights_only=True)
         if self.held_limit is not None:
             raw["held"] = raw["held"][: self.held_limit]
         sets = {

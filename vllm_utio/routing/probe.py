@@ -26,7 +26,7 @@ import torch
 from vllm_utio.config import UtioConfig, UtioConfigError
 from vllm_utio.routing.bucketing import levels_from_scores
 from vllm_utio.routing.cost_router import ROUTER_FORMAT, CostRouter
-from vllm_utio.tagged_files import load_tagged, save_tagged
+from vllm_utio.tagged_files import load_tagged, read_format, save_tagged
 
 FORMAT = "utio-probe"
 VERSION = "1"
@@ -90,12 +90,7 @@ def load_probe(path: str | Path, hidden_size: int) -> Probe:
 
 
 def _file_format(path: str | Path) -> str | None:
-    from safetensors import safe_open
-
-    if not Path(path).is_file():
-        return None  # the loaders raise the not-found error
-    with safe_open(str(path), framework="pt") as f:
-        return (f.metadata() or {}).get("format")
+    return read_format(path, "probe")  # a corrupt file: ValueError naming it
 
 
 def _load_cost_probe(path: str | Path, cfg: UtioConfig, hidden_size: int, num_layers: int):
