@@ -47,6 +47,21 @@ POLICIES: dict[str, dict[str, Any]] = {
         "recent_tokens": 256,
         "budget_tokens": 1024,
     },
+    # query-aware by approximate per-key scores (SparQ: 16 of 64 channels per KV head)
+    "sparq512": {
+        "policy": "select",
+        "sink_tokens": 128,
+        "recent_tokens": 256,
+        "budget_tokens": 512,
+        "scoring": "sparq",
+    },
+    "sparq1024": {
+        "policy": "select",
+        "sink_tokens": 128,
+        "recent_tokens": 256,
+        "budget_tokens": 1024,
+        "scoring": "sparq",
+    },
     # adaptive: stop once the kept blocks hold 90% of the estimated attention mass
     "select1024p90": {
         "policy": "select",

@@ -21,6 +21,9 @@
 
 namespace {
 
+constexpr int64_t kAhead = 2;  // blocks prefetched ahead
+constexpr int64_t kLine = 64;  // cache line bytes
+
 // keys as float; bf16 by its bits (a shift), so the loops below vectorize
 inline float to_float(float v) { return v; }
 inline float to_float(at::Half v) { return static_cast<float>(v); }
@@ -59,6 +62,8 @@ void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, 
       std::iota(order.begin(), order.end(), 0);
       std::partial_sort(order.begin(), order.begin() + channels, order.end(),
                         [&](int64_t a, int64_t b) { return weight[a] > weight[b]; });
+      // ascending addresses within a block: the hardware prefetcher follows them
+      std::sort(order.begin(), order.begin() + channels);
       for (int64_t h = 0; h < per_kv; ++h) {
         float part = 0.0f, whole = 0.0f;
         for (int64_t c = 0; c < head_size; ++c) whole += std::fabs(q[h * head_size + c]);
@@ -75,6 +80,20 @@ void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, 
         const int64_t block = table[r * table_width + n];
         const int64_t count = std::min(block_size, len - n * block_size);
         const scalar_t* base = cache + block * block_stride + start + g * s_head;
+        if (n + kAhead < nb) {
+          // blocks sit at random places in the cache: ask for a later block's channels
+          // now, or every channel read waits a full memory latency
+          const scalar_t* later =
+              cache + table[r * table_width + n + kAhead] * block_stride + start + g * s_head;
+          if (s_tok == 1) {  // a channel: one contiguous run of block_size keys
+            for (int64_t j = 0; j < channels; ++j)
+              for (int64_t s = 0; s < block_size; s += kLine / sizeof(scalar_t))
+                __builtin_prefetch(later + order[j] * s_chan + s);
+          } else {  // a token's channels sit together: one line per token
+            for (int64_t s = 0; s < block_size; ++s)
+              __builtin_prefetch(later + s * s_tok + order[0] * s_chan);
+          }
+        }
         for (int64_t j = 0; j < channels; ++j) {
           // one channel of the block's keys: a contiguous run when tokens are innermost
           const scalar_t* k = base + order[j] * s_chan;
