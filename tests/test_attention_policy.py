@@ -196,7 +196,7 @@ def test_vslash_config_errors():
     msg = err({"policy": "select", "scoring": "exact"})
     assert "'attention_all.scoring': value 'exact'" in msg and "'bound' or 'sparq'" in msg
     msg = err({"policy": "select", "scoring": "sparq", "top_p": 0.9})
-    assert "top_p only apply to scoring 'bound', not 'sparq'" in msg
+    assert "top_p only applies to scoring 'bound', not 'sparq'" in msg
     msg = err({"policy": "select", "sparq_channels": 8})
     assert "sparq_channels only applies to scoring 'sparq'" in msg
     assert "'attention_all.sparq_channels': value 0" in err(

@@ -150,9 +150,10 @@ class AttentionPolicy(_Strict):
         if self.scoring == "sparq":
             bound_only = sorted({"top_p", "heads"} & self.model_fields_set)
             if bound_only:
+                verb, them = ("apply", "them") if len(bound_only) > 1 else ("applies", "it")
                 raise ValueError(
-                    f"{' and '.join(bound_only)} only apply to scoring 'bound', not 'sparq' "
-                    "(sparq ranks blocks by each head's own attention share); remove them"
+                    f"{' and '.join(bound_only)} only {verb} to scoring 'bound', not 'sparq' "
+                    f"(sparq ranks blocks by each head's own attention share); remove {them}"
                 )
         elif "sparq_channels" in self.model_fields_set:
             raise ValueError("sparq_channels only applies to scoring 'sparq'; set scoring='sparq'")
