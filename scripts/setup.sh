@@ -33,8 +33,9 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
-# UTIO's C++ CPU ops (select's 'sparq' scoring), compiled once for this machine
-"$PY" -m vllm_utio.cpu_ops
+# UTIO's C++ CPU ops (select's 'sparq' scoring), compiled once for this machine; without
+# a C++ compiler everything else still works (a 'sparq' config then fails at engine start)
+"$PY" -m vllm_utio.cpu_ops || echo "setup: WARNING: UTIO's C++ op did not build (no C++ compiler?); select scoring 'sparq' is unavailable" >&2
 "$PY" -m vllm_utio.assets.model
 "$PY" -m vllm_utio.assets.data
 # The default model's calibration artifact ("artifact": "default"), a few minutes.

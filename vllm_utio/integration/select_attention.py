@@ -32,6 +32,7 @@ from vllm_utio.integration.model_stack import (
     UnsupportedModelError,
     affine_strides,
     key_offsets,
+    offsets_shape,
 )
 from vllm_utio.kv_selection import (
     BlockSummaries,
@@ -378,7 +379,15 @@ class SparqScorer:
             )
         start, (self.s_tok, self.s_head, self.s_chan) = layout
         self.start = start
-        self.op = load()  # compiled on first use (set-up builds it once)
+        self.block_size = offsets_shape(attn, cache)[0]
+        try:  # compiled on first use (set-up builds it once)
+            self.op = load()
+        except Exception as err:  # no compiler, no ninja, a failed build: say what to do
+            raise UnsupportedModelError(
+                f"UTIO select scoring 'sparq' needs UTIO's C++ CPU op, which did not build "
+                f"({type(err).__name__}: {err}); install a C++ compiler and run "
+                "`python -m vllm_utio.cpu_ops`, or use scoring 'bound'"
+            ) from err
 
     def rank(
         self,
@@ -402,7 +411,7 @@ class SparqScorer:
             table.to(torch.long),
             seq_lens.to(torch.long),
             self.kv_heads,
-            kv_cache.shape[2],
+            self.block_size,
             policy.sparq_channels,
             scale,
         )
