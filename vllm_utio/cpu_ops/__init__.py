@@ -18,6 +18,7 @@ from vllm_utio.paths import cache_dir
 
 logger = get_logger(__name__)
 SOURCES = ("sparq_mass.cpp",)
+HEADERS = ("sparq_avx512.h",)  # not compiled on their own; in the build key
 # -ffast-math: vectorized expf and float reassociation; the op ranks blocks, no result
 # depends on the last bit (its test compares with the spec at a tolerance)
 FLAGS = ("-O3", "-march=native", "-ffast-math")
@@ -36,7 +37,7 @@ def _cpu_flags() -> str:
 def build_name() -> str:
     here = Path(__file__).parent
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((here / name).read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_cpu_flags().encode())

@@ -34,6 +34,36 @@ inline float to_float(at::BFloat16 v) {
   return out;
 }
 
+// The `channels` channels of a KV head's query group with the largest |q| (ascending, so
+// reads within a block go forward: the hardware prefetcher follows them), each head's
+// query on them (`qr`, [per_kv, channels]) and its softmax factor: the attention scale
+// over SparQ's temperature, sqrt of the share of |q| the chosen channels carry.
+inline void choose_channels(const float* q, int64_t per_kv, int64_t head_size,
+                            int64_t channels, double scale, std::vector<int64_t>& order,
+                            std::vector<float>& weight, std::vector<float>& qr,
+                            std::vector<float>& inv_temp) {
+  for (int64_t c = 0; c < head_size; ++c) {
+    float w = 0.0f;
+    for (int64_t h = 0; h < per_kv; ++h) w += std::fabs(q[h * head_size + c]);
+    weight[c] = w;
+  }
+  std::iota(order.begin(), order.end(), 0);
+  std::partial_sort(order.begin(), order.begin() + channels, order.end(),
+                    [&](int64_t a, int64_t b) { return weight[a] > weight[b]; });
+  std::sort(order.begin(), order.begin() + channels);
+  for (int64_t h = 0; h < per_kv; ++h) {
+    float part = 0.0f, whole = 0.0f;
+    for (int64_t c = 0; c < head_size; ++c) whole += std::fabs(q[h * head_size + c]);
+    for (int64_t j = 0; j < channels; ++j) {
+      qr[h * channels + j] = q[h * head_size + order[j]];
+      part += std::fabs(qr[h * channels + j]);
+    }
+    const float ratio = whole > 0.0f ? std::max(part / whole, 1e-6f) : 1.0f;
+    inv_temp[h] = static_cast<float>(scale) / std::sqrt(ratio);
+  }
+}
+
+// The general path: any key dtype and layout, scores of a row kept whole, then softmaxed.
 template <typename scalar_t>
 void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, int64_t start,
                int64_t s_tok, int64_t s_head, int64_t s_chan, const int64_t* table,
@@ -53,28 +83,7 @@ void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, 
     acc.assign(per_kv * nb * block_size, 0.0f);
     for (int64_t g = 0; g < kv_heads; ++g) {
       const float* q = query + (r * num_heads + g * per_kv) * head_size;  // [per_kv, D]
-      // the group's strongest channels
-      for (int64_t c = 0; c < head_size; ++c) {
-        float w = 0.0f;
-        for (int64_t h = 0; h < per_kv; ++h) w += std::fabs(q[h * head_size + c]);
-        weight[c] = w;
-      }
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + channels, order.end(),
-                        [&](int64_t a, int64_t b) { return weight[a] > weight[b]; });
-      // ascending addresses within a block: the hardware prefetcher follows them
-      std::sort(order.begin(), order.begin() + channels);
-      for (int64_t h = 0; h < per_kv; ++h) {
-        float part = 0.0f, whole = 0.0f;
-        for (int64_t c = 0; c < head_size; ++c) whole += std::fabs(q[h * head_size + c]);
-        for (int64_t j = 0; j < channels; ++j) {
-          qr[h * channels + j] = q[h * head_size + order[j]];
-          part += std::fabs(qr[h * channels + j]);
-        }
-        // SparQ's temperature: the chosen channels carry `part / whole` of |q|
-        const float ratio = whole > 0.0f ? std::max(part / whole, 1e-6f) : 1.0f;
-        inv_temp[h] = static_cast<float>(scale) / std::sqrt(ratio);
-      }
+      choose_channels(q, per_kv, head_size, channels, scale, order, weight, qr, inv_temp);
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t n = 0; n < nb; ++n) {
         const int64_t block = table[r * table_width + n];
@@ -133,6 +142,9 @@ void rank_rows(const float* query, const scalar_t* cache, int64_t block_stride, 
 
 }  // namespace
 
+// the fast path (AVX-512), after the helpers it shares
+#include "sparq_avx512.h"
+
 torch::Tensor sparq_block_mass(torch::Tensor query, torch::Tensor cache, int64_t block_stride,
                                int64_t start, int64_t s_tok, int64_t s_head, int64_t s_chan,
                                torch::Tensor table, torch::Tensor lens, int64_t kv_heads,
@@ -160,6 +172,10 @@ torch::Tensor sparq_block_mass(torch::Tensor query, torch::Tensor cache, int64_t
         const auto* ln = lens.data_ptr<int64_t>();
         auto* o = out.data_ptr<float>();
         at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+          if (rank_rows_fast<scalar_t>(q, c, block_stride, start, s_tok, s_head, s_chan, tb,
+                                       table.size(1), ln, num_heads, kv_heads, head_size,
+                                       block_size, channels, scale, width, o, begin, end))
+            return;
           rank_rows<scalar_t>(q, c, block_stride, start, s_tok, s_head, s_chan, tb,
                               table.size(1), ln, num_heads, kv_heads, head_size, block_size,
                               channels, scale, width, o, begin, end);
