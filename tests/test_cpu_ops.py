@@ -40,7 +40,9 @@ def _paged(lens: torch.Tensor, dtype: torch.dtype, layout: str, seed: int):
 
 
 @pytest.mark.parametrize("layout", ["token-inner", "channel-inner"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+# bf16/fp16 keys stored tokens-innermost take the op's AVX-512 tiled path (where the CPU
+# has it); float32 and the channels-innermost layout take its general path
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("channels", [1, 16, 64])
 def test_sparq_op_equals_the_spec(layout: str, dtype: torch.dtype, channels: int):
     from vllm_utio.cpu_ops import load
@@ -62,6 +64,21 @@ def test_sparq_op_equals_the_spec(layout: str, dtype: torch.dtype, channels: int
     for r, n in enumerate(blocks.tolist()):
         assert got[r, :n].max() >= 1.0 / n - 1e-6
         assert (got[r, n:] == 0).all()
+
+
+@pytest.mark.parametrize("per_kv", [1, 5, 8])
+def test_sparq_op_other_query_head_groups(per_kv: int):
+    """Other GQA ratios: 1 (registers), 5 (tile, heads one by one), 8 (tile, by 4)."""
+    from vllm_utio.cpu_ops import load
+
+    lens = torch.tensor([BS + 5, 9 * BS])
+    cache, strides, table, keys = _paged(lens, torch.bfloat16, "token-inner", seed=per_kv)
+    query = torch.randn(len(lens), per_kv * G, D, generator=torch.Generator().manual_seed(2))
+    want = sparq_block_mass(query, keys, lens, BS, 16, D**-0.5)
+    got = load().sparq_block_mass(
+        query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, D**-0.5
+    )
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_sparq_spec_with_every_channel_is_the_true_attention_mass():

@@ -2,8 +2,10 @@
 // or fp16 keys stored token-innermost (a block's channel is one contiguous run, as in the
 // CPU backend's 'vec' layout), blocks of 16..128 tokens, on a CPU with AVX-512.
 //
-// Per block and KV head the chosen channels are read once into a small float tile; each
-// query head's scores of the block stay in registers and are reduced at once to the
+// Per block and KV head the chosen channels are read once: straight into registers when
+// the KV head has at most 4 query heads (all scored together), else into a small float
+// tile scored by groups of heads. Each head's scores of the block stay in registers and
+// are reduced at once to the
 // block's (max, sum of exp(score - max)), so no row-long score array is written or read
 // back; a row's blocks are then combined like flash attention's partial softmaxes.
 // Returns false where it does not apply (the general path runs instead).
@@ -52,18 +54,18 @@ inline __m512 load16(const scalar_t* k) {
 }
 
 // `kHeads` heads' scores of one block (queries `qh`, [kHeads, channels]) reduced to each
-// head's (max, sum of exp(score - max)), written at stride `stride`
-template <int kHeads, int kChunks>
-inline void score_block(const float* tile, const float* qh, int64_t channels,
-                        const float* inv_temp, const __mmask16* valid, float* block_max,
-                        float* block_sum, int64_t stride) {
-  constexpr int64_t block_size = kChunks * kLanes;
+// head's (max, sum of exp(score - max)), written at stride `stride`; `load(j, c)` gives
+// chunk `c` of the block's `j`-th chosen channel as floats
+template <int kHeads, int kChunks, typename Load>
+inline void score_block(Load load, const float* qh, int64_t channels, const float* inv_temp,
+                        const __mmask16* valid, float* block_max, float* block_sum,
+                        int64_t stride) {
   __m512 acc[kHeads][kChunks];
   for (int h = 0; h < kHeads; ++h)
     for (int c = 0; c < kChunks; ++c) acc[h][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < channels; ++j) {
     __m512 k[kChunks];
-    for (int c = 0; c < kChunks; ++c) k[c] = _mm512_load_ps(tile + j * block_size + c * kLanes);
+    for (int c = 0; c < kChunks; ++c) k[c] = load(j, c);
     for (int h = 0; h < kHeads; ++h) {
       const __m512 qv = _mm512_set1_ps(qh[h * channels + j]);
       for (int c = 0; c < kChunks; ++c) acc[h][c] = _mm512_fmadd_ps(qv, k[c], acc[h][c]);
@@ -119,10 +121,6 @@ void rank_rows_tiled(const float* query, const scalar_t* cache, int64_t block_st
               __builtin_prefetch(later + order[j] * s_chan + s);
         }
         const scalar_t* base = head_base + row_table[n] * block_stride;
-        for (int64_t j = 0; j < channels; ++j)
-          for (int c = 0; c < kChunks; ++c)
-            _mm512_store_ps(tile + j * block_size + c * kLanes,
-                            load16(base + order[j] * s_chan + c * kLanes));
         // lanes past the row's last position (a partial last block) take no part
         const int64_t count = std::min(block_size, len - n * block_size);
         __mmask16 valid[kChunks];
@@ -130,20 +128,46 @@ void rank_rows_tiled(const float* query, const scalar_t* cache, int64_t block_st
           const int64_t live = std::clamp<int64_t>(count - c * kLanes, 0, kLanes);
           valid[c] = static_cast<__mmask16>((1u << live) - 1u);
         }
-        // query heads scored together interleave their FMA chains: the widest group
-        // (up to 4) that divides the KV head's heads
         float* bm = block_max.data() + n;
         float* bsum = block_sum.data() + n;
+        const float* ih = inv_temp.data();
+        auto from_cache = [&](int64_t j, int c) {
+          return load16(base + order[j] * s_chan + c * kLanes);
+        };
+        // all of a KV head's query heads in one group (the usual GQA ratios): each key
+        // is read once straight from the cache
+        const float* q0 = qr.data();
+        switch (per_kv) {
+          case 1: score_block<1, kChunks>(from_cache, q0, channels, ih, valid, bm, bsum, nb);
+            continue;
+          case 2: score_block<2, kChunks>(from_cache, q0, channels, ih, valid, bm, bsum, nb);
+            continue;
+          case 3: score_block<3, kChunks>(from_cache, q0, channels, ih, valid, bm, bsum, nb);
+            continue;
+          case 4: score_block<4, kChunks>(from_cache, q0, channels, ih, valid, bm, bsum, nb);
+            continue;
+          default: break;
+        }
+        // more query heads: the chosen channels read once into a float tile, scored by
+        // the widest group (up to 4) that divides the heads (their FMA chains interleave)
+        for (int64_t j = 0; j < channels; ++j)
+          for (int c = 0; c < kChunks; ++c)
+            _mm512_store_ps(tile + j * block_size + c * kLanes, from_cache(j, c));
+        auto from_tile = [&](int64_t j, int c) {
+          return _mm512_load_ps(tile + j * block_size + c * kLanes);
+        };
         const int group = per_kv % 4 == 0 ? 4 : per_kv % 3 == 0 ? 3 : per_kv % 2 == 0 ? 2 : 1;
         for (int64_t h = 0; h < per_kv; h += group) {
           const float* qh = qr.data() + h * channels;
-          const float* ih = inv_temp.data() + h;
           float *m = bm + h * nb, *sm = bsum + h * nb;
           switch (group) {
-            case 4: score_block<4, kChunks>(tile, qh, channels, ih, valid, m, sm, nb); break;
-            case 3: score_block<3, kChunks>(tile, qh, channels, ih, valid, m, sm, nb); break;
-            case 2: score_block<2, kChunks>(tile, qh, channels, ih, valid, m, sm, nb); break;
-            default: score_block<1, kChunks>(tile, qh, channels, ih, valid, m, sm, nb);
+            case 4: score_block<4, kChunks>(from_tile, qh, channels, ih + h, valid, m, sm, nb);
+              break;
+            case 3: score_block<3, kChunks>(from_tile, qh, channels, ih + h, valid, m, sm, nb);
+              break;
+            case 2: score_block<2, kChunks>(from_tile, qh, channels, ih + h, valid, m, sm, nb);
+              break;
+            default: score_block<1, kChunks>(from_tile, qh, channels, ih + h, valid, m, sm, nb);
           }
         }
       }

@@ -61,6 +61,7 @@ class _Current:
     local: list[int]
     rules: list[AttentionPolicy]
     held: torch.Tensor | None = None  # [rows, L, max_blocks] HeldBlocks state, if any holds
+    over: list[bool] | None = None  # per select row: more context than its budget buys
 
 
 @dataclasses.dataclass
@@ -84,7 +85,7 @@ class _Rows:
     local: list[int]  # sub-batch rows
     local_t: torch.Tensor
     seq_lens: torch.Tensor  # [R] long, CPU
-    table: torch.Tensor  # [R, NB] their physical blocks in logical order
+    table: torch.Tensor  # [R, NB] their physical blocks in logical order (int64, CPU)
     query_rows: torch.Tensor  # [R] each row's query token in the sub-batch
     held_rows: torch.Tensor  # [R] positions in _Current.held
     groups: list[tuple[torch.Tensor, AttentionPolicy, SelectPlan]]  # per distinct policy
@@ -241,11 +242,12 @@ class QueryAwareSelector:
         cm = cur.common
         upper_all = cm.seq_lens_cpu_upper_bound
         bs = self.block_size
+        if cur.over is None:  # lengths do not change within a step: decided once
+            lens = upper_all[torch.as_tensor(cur.local, dtype=torch.long)].tolist()
+            cur.over = [self._over_budget(n, r) for n, r in zip(lens, cur.rules, strict=True)]
         # rows past their dense layers whose context exceeds the budget (others read all)
         chosen = [
-            j
-            for j, rule in enumerate(cur.rules)
-            if index >= rule.dense_layers and self._over_budget(int(upper_all[cur.local[j]]), rule)
+            j for j, rule in enumerate(cur.rules) if cur.over[j] and index >= rule.dense_layers
         ]
         if not chosen:
             return None
@@ -258,6 +260,7 @@ class QueryAwareSelector:
         seq_lens = upper_all[local_t].to(torch.long)
         width = int(((seq_lens + bs - 1) // bs).max())
         table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device), :width]
+        table = table.to("cpu", torch.long)  # as the scorers and the restriction take it
         groups = []
         for policy in dict.fromkeys(rules):  # distinct policies, in first-seen order
             mask = torch.tensor([r == policy for r in rules])
@@ -286,7 +289,7 @@ class QueryAwareSelector:
         cm = cur.common
         kept = self._kept(index, query[rows.query_rows.to(query.device)], kv_cache, rows, cur)
         width = kept.shape[1]
-        new_rows, new_lens = restrict_rows(rows.table.cpu(), rows.seq_lens, kept, self.block_size)
+        new_rows, new_lens = restrict_rows(rows.table, rows.seq_lens, kept, self.block_size)
         self.saved_tokens += int((rows.seq_lens - new_lens).sum())
         local, local_t = rows.local, rows.local_t
         last = self._reuse
@@ -294,7 +297,9 @@ class QueryAwareSelector:
         if same_rows and torch.equal(last.kept, kept):
             return last.metadata
         full_table = cm.block_table_tensor.clone()
-        full_table[local_t.to(full_table.device), :width] = new_rows.to(full_table.device)
+        full_table[local_t.to(full_table.device), :width] = new_rows.to(
+            full_table.device, full_table.dtype
+        )
         if same_rows and torch.equal(last.lens, new_lens):
             # same lengths, other blocks (the usual case: a fixed budget): swap the table
             patched = with_block_table(last.metadata, full_table)
@@ -329,11 +334,18 @@ class QueryAwareSelector:
         width = rows.table.shape[1]
         kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
         per_head = None  # every row's q.k bounds, when a 'bound' group needs them
+        whole = len(rows.groups) == 1  # one policy: its rows are all the rows
         for mask, policy, plan in rows.groups:
             rule = _rule(policy, bs, scale)
             if policy.scoring == "sparq":
                 rank = self._sparq.rank(
-                    query[mask], kv_cache, rows.table[mask], plan.seq_lens, policy, scale, width
+                    query if whole else query[mask],
+                    kv_cache,
+                    rows.table if whole else rows.table[mask],
+                    plan.seq_lens,
+                    policy,
+                    scale,
+                    width,
                 )
             else:
                 if per_head is None:
@@ -343,7 +355,11 @@ class QueryAwareSelector:
             if rule.hold_steps and cur.held is not None:
                 last = cur.held[rows.held_rows[mask], index, :width]  # [r, NB]
                 held = held_mask(last, plan.seq_lens, rule.hold_steps)
-            kept[mask], ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
+            chosen, ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
+            if whole:
+                kept = chosen
+            else:
+                kept[mask] = chosen
             if held is not None:
                 stamp = torch.where(ranked, plan.seq_lens.to(torch.int32).reshape(-1, 1), last)
                 cur.held[rows.held_rows[mask], index, :width] = stamp
@@ -408,8 +424,8 @@ class SparqScorer:
             self.s_tok,
             self.s_head,
             self.s_chan,
-            table.to(torch.long),
-            seq_lens.to(torch.long),
+            table if table.dtype == torch.long else table.to(torch.long),
+            seq_lens if seq_lens.dtype == torch.long else seq_lens.to(torch.long),
             self.kv_heads,
             self.block_size,
             policy.sparq_channels,
