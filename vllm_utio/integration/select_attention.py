@@ -88,7 +88,8 @@ class _Rows:
     table: torch.Tensor  # [R, NB] their physical blocks in logical order (int64, CPU)
     query_rows: torch.Tensor  # [R] each row's query token in the sub-batch
     held_rows: torch.Tensor  # [R] positions in _Current.held
-    groups: list[tuple[torch.Tensor, AttentionPolicy, SelectPlan]]  # per distinct policy
+    # per distinct policy: its rows (a bool mask, or all of them), policy and plan
+    groups: list[tuple[torch.Tensor | slice, AttentionPolicy, SelectPlan]]
 
 
 class QueryAwareSelector:
@@ -262,8 +263,10 @@ class QueryAwareSelector:
         table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device), :width]
         table = table.to("cpu", torch.long)  # as the scorers and the restriction take it
         groups = []
-        for policy in dict.fromkeys(rules):  # distinct policies, in first-seen order
-            mask = torch.tensor([r == policy for r in rules])
+        distinct = list(dict.fromkeys(rules))  # distinct policies, in first-seen order
+        for policy in distinct:
+            # one policy: a slice of every row (views, no copies at each layer)
+            mask = slice(None) if len(distinct) == 1 else torch.tensor([r == policy for r in rules])
             rule = _rule(policy, bs, 1.0)
             groups.append((mask, policy, plan_selection(seq_lens[mask], bs, rule, width)))
         self._rows = _Rows(
@@ -334,18 +337,11 @@ class QueryAwareSelector:
         width = rows.table.shape[1]
         kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
         per_head = None  # every row's q.k bounds, when a 'bound' group needs them
-        whole = len(rows.groups) == 1  # one policy: its rows are all the rows
         for mask, policy, plan in rows.groups:
             rule = _rule(policy, bs, scale)
             if policy.scoring == "sparq":
                 rank = self._sparq.rank(
-                    query if whole else query[mask],
-                    kv_cache,
-                    rows.table if whole else rows.table[mask],
-                    plan.seq_lens,
-                    policy,
-                    scale,
-                    width,
+                    query[mask], kv_cache, rows.table[mask], plan.seq_lens, policy, scale, width
                 )
             else:
                 if per_head is None:
@@ -355,11 +351,7 @@ class QueryAwareSelector:
             if rule.hold_steps and cur.held is not None:
                 last = cur.held[rows.held_rows[mask], index, :width]  # [r, NB]
                 held = held_mask(last, plan.seq_lens, rule.hold_steps)
-            chosen, ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
-            if whole:
-                kept = chosen
-            else:
-                kept[mask] = chosen
+            kept[mask], ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
             if held is not None:
                 stamp = torch.where(ranked, plan.seq_lens.to(torch.int32).reshape(-1, 1), last)
                 cur.held[rows.held_rows[mask], index, :width] = stamp
@@ -424,8 +416,8 @@ class SparqScorer:
             self.s_tok,
             self.s_head,
             self.s_chan,
-            table if table.dtype == torch.long else table.to(torch.long),
-            seq_lens if seq_lens.dtype == torch.long else seq_lens.to(torch.long),
+            table.to(torch.long),  # no copy when it already is
+            seq_lens.to(torch.long),
             self.kv_heads,
             self.block_size,
             policy.sparq_channels,
