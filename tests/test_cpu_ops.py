@@ -94,3 +94,42 @@ def test_sparq_spec_with_every_channel_is_the_true_attention_mass():
         padded = torch.nn.functional.pad(probs, (0, 0, 0, -n % BS))
         mass = padded.reshape(-1, BS, 3 * G).sum(1).amax(-1)
         torch.testing.assert_close(got[r, : len(mass)], mass, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # fast and general paths
+@pytest.mark.parametrize("table_dtype", [torch.int32, torch.int64])
+def test_sparq_restrict_equals_select_then_restrict(dtype: torch.dtype, table_dtype):
+    """The fused op (masses, the choice, the restricted rows in place) gives what the
+    torch spec's ``select_blocks`` and ``restrict_rows`` give on the op's masses, and
+    touches no other row of the table."""
+    from vllm_utio.cpu_ops import load
+    from vllm_utio.kv_selection import SelectRule, budget_blocks, restrict_rows, select_blocks
+
+    op = load()
+    # short rows (all kept), a partial last block, rows longer than the budget
+    lens = torch.tensor([BS - 3, 4 * BS, 9 * BS + 7, 25 * BS, 18 * BS + 1])
+    cache, strides, table, _ = _paged(lens, dtype, "token-inner", seed=4)
+    query = torch.randn(len(lens), 3 * G, D, generator=torch.Generator().manual_seed(5)) * 3
+    scale, sink_tokens, recent, budget = D**-0.5, 2 * BS, 3 * BS - 5, 8 * BS
+    rule = SelectRule(sink_tokens // BS, recent, budget)
+    mass = op.sparq_block_mass(
+        query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale
+    )
+    assert len(set(mass[mass > 0].tolist())) == int((mass > 0).sum())  # no ties to break
+    kept, _ = select_blocks(mass, lens, BS, rule)
+    want_rows, want_lens = restrict_rows(table, lens, kept, BS)
+    out_rows = torch.tensor([6, 0, 3, 2, 5])  # where each row's table row sits in the batch
+    before = torch.randint(0, 1000, (8, table.shape[1] + 2), dtype=table_dtype)
+    out = before.clone()
+    got_lens = op.sparq_restrict(
+        query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale,
+        sink_tokens // BS, recent, budget_blocks(budget, BS), out, out_rows,
+    )  # fmt: skip
+    assert torch.equal(got_lens, want_lens)
+    assert torch.equal(want_lens[:2], lens[:2]) and (want_lens[2:] < lens[2:]).all()
+    for r, dst in enumerate(out_rows.tolist()):
+        n = int((lens[r] + BS - 1) // BS)
+        assert torch.equal(out[dst, :n], want_rows[r, :n].to(table_dtype)), r
+        assert torch.equal(out[dst, n:], before[dst, n:])
+    untouched = [i for i in range(len(out)) if i not in out_rows.tolist()]
+    assert torch.equal(out[untouched], before[untouched])

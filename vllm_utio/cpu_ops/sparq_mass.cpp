@@ -184,7 +184,96 @@ torch::Tensor sparq_block_mass(torch::Tensor query, torch::Tensor cache, int64_t
   return out;
 }
 
+namespace {
+
+// One row's kept blocks (spec: kv_selection.select_blocks then restrict_rows, without
+// top_p or held blocks): the sinks, the blocks of the recent window, then the blocks of
+// largest mass until `budget_blocks` are kept; written in logical order to `dst`, the
+// others after them (as restrict_rows leaves them). Returns the restricted length.
+template <typename id_t>
+int64_t keep_row(const float* mass, const int64_t* src, id_t* dst, int64_t len,
+                 int64_t block_size, int64_t sink_blocks, int64_t recent_tokens,
+                 int64_t budget_blocks, std::vector<uint8_t>& kept, std::vector<int64_t>& cand) {
+  const int64_t nb = (len + block_size - 1) / block_size;
+  const int64_t last_len = len - block_size * (nb - 1);
+  const int64_t recent =
+      1 + std::max<int64_t>(0, (recent_tokens - last_len + block_size - 1) / block_size);
+  kept.assign(nb, 0);
+  int64_t count = 0;
+  cand.clear();
+  for (int64_t n = 0; n < nb; ++n) {
+    if (n < sink_blocks || n >= nb - recent) {
+      kept[n] = 1;
+      ++count;
+    } else {
+      cand.push_back(n);
+    }
+  }
+  const int64_t extra = std::min<int64_t>(std::max<int64_t>(budget_blocks - count, 0),
+                                          static_cast<int64_t>(cand.size()));
+  // the `extra` candidates of largest mass (ties: the earlier block, as a stable rank)
+  auto better = [&](int64_t a, int64_t b) {
+    return mass[a] > mass[b] || (mass[a] == mass[b] && a < b);
+  };
+  std::nth_element(cand.begin(), cand.begin() + extra, cand.end(), better);
+  for (int64_t i = 0; i < extra; ++i) kept[cand[i]] = 1;
+  count += extra;
+  int64_t front = 0, back = count;
+  for (int64_t n = 0; n < nb; ++n) dst[kept[n] ? front++ : back++] = static_cast<id_t>(src[n]);
+  return block_size * (count - 1) + last_len;
+}
+
+}  // namespace
+
+// select's whole choice for 'sparq' rows in one call: each row's block masses
+// (sparq_block_mass), its kept blocks, and its restricted block-table row written in
+// place into `out_table` at row `out_rows[r]`. Returns the rows' restricted lengths.
+torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t block_stride,
+                             int64_t start, int64_t s_tok, int64_t s_head, int64_t s_chan,
+                             torch::Tensor table, torch::Tensor lens, int64_t kv_heads,
+                             int64_t block_size, int64_t channels, double scale,
+                             int64_t sink_blocks, int64_t recent_tokens, int64_t budget_blocks,
+                             torch::Tensor out_table, torch::Tensor out_rows) {
+  TORCH_CHECK(out_table.dim() == 2 && out_table.is_contiguous() && out_table.device().is_cpu(),
+              "out_table: a contiguous CPU [B, W] tensor");
+  TORCH_CHECK(out_rows.dim() == 1 && out_rows.scalar_type() == torch::kInt64 &&
+                  out_rows.size(0) == query.size(0),
+              "out_rows [R] int64");
+  TORCH_CHECK(budget_blocks >= 1, "budget_blocks must be >= 1");
+  const auto mass = sparq_block_mass(query, cache, block_stride, start, s_tok, s_head, s_chan,
+                                     table, lens, kv_heads, block_size, channels, scale);
+  table = table.contiguous();
+  lens = lens.contiguous();
+  out_rows = out_rows.contiguous();
+  const int64_t rows = query.size(0), width = mass.size(1);
+  TORCH_CHECK(width <= out_table.size(1), "out_table is narrower than the rows' blocks");
+  auto new_lens = torch::empty({rows}, lens.options());
+  const auto* m = mass.data_ptr<float>();
+  const auto* tb = table.data_ptr<int64_t>();
+  const auto* ln = lens.data_ptr<int64_t>();
+  const auto* dst_rows = out_rows.data_ptr<int64_t>();
+  auto* nl = new_lens.data_ptr<int64_t>();
+  std::vector<uint8_t> kept;
+  std::vector<int64_t> cand;
+  AT_DISPATCH_INDEX_TYPES(out_table.scalar_type(), "sparq_restrict", [&] {
+    auto* dst = out_table.data_ptr<index_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(dst_rows[r] >= 0 && dst_rows[r] < out_table.size(0), "out_rows out of range");
+      if (ln[r] <= 0) {
+        nl[r] = ln[r];
+        continue;
+      }
+      index_t* row = dst + dst_rows[r] * out_table.size(1);
+      nl[r] = keep_row(m + r * width, tb + r * table.size(1), row, ln[r], block_size,
+                       sink_blocks, recent_tokens, budget_blocks, kept, cand);
+    }
+  });
+  return new_lens;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparq_block_mass", &sparq_block_mass,
         "largest per-head softmax mass of each block from approximate per-key scores");
+  m.def("sparq_restrict", &sparq_restrict,
+        "sparq_block_mass, then each row's kept blocks written as its restricted table row");
 }

@@ -70,7 +70,7 @@ class _Built:
 
     common: Any  # the sub-batch's CommonAttentionMetadata
     rows: list[int]  # its restricted (sub-batch-local) rows
-    kept: torch.Tensor  # [rows, NB] kept-block mask
+    table: torch.Tensor  # the sub-batch's restricted block table
     lens: torch.Tensor  # [rows] restricted sequence lengths
     metadata: Any  # backend metadata (one KV-cache group: every layer shares it)
 
@@ -90,6 +90,8 @@ class _Rows:
     held_rows: torch.Tensor  # [R] positions in _Current.held
     # per distinct policy: its rows (a bool mask, or all of them), policy and plan
     groups: list[tuple[torch.Tensor | slice, AttentionPolicy, SelectPlan]]
+    # every group is 'sparq' without held blocks: the op chooses and restricts in one call
+    fused: bool = False
 
 
 class QueryAwareSelector:
@@ -279,6 +281,9 @@ class QueryAwareSelector:
             cm.query_start_loc_cpu[local_t],
             torch.as_tensor(chosen, dtype=torch.long),
             groups,
+            fused=self._sparq is not None
+            and table.device.type == "cpu"
+            and all(p.scoring == "sparq" and not p.hold_steps for _, p, _ in groups),
         )
         return self._rows
 
@@ -290,24 +295,27 @@ class QueryAwareSelector:
         if rows is None:
             return None
         cm = cur.common
-        kept = self._kept(index, query[rows.query_rows.to(query.device)], kv_cache, rows, cur)
-        width = kept.shape[1]
-        new_rows, new_lens = restrict_rows(rows.table, rows.seq_lens, kept, self.block_size)
-        self.saved_tokens += int((rows.seq_lens - new_lens).sum())
+        query = query[rows.query_rows.to(query.device)]
         local, local_t = rows.local, rows.local_t
+        full_table = cm.block_table_tensor.clone()
+        if rows.fused:
+            new_lens = self._restrict_in_op(index, query, kv_cache, rows, full_table)
+        else:
+            kept = self._kept(index, query, kv_cache, rows, cur)
+            new_rows, new_lens = restrict_rows(rows.table, rows.seq_lens, kept, self.block_size)
+            full_table[local_t.to(full_table.device), : kept.shape[1]] = new_rows.to(
+                full_table.device, full_table.dtype
+            )
+        self.saved_tokens += int((rows.seq_lens - new_lens).sum())
         last = self._reuse
         same_rows = last is not None and last.common is cm and last.rows == local
-        if same_rows and torch.equal(last.kept, kept):
-            return last.metadata
-        full_table = cm.block_table_tensor.clone()
-        full_table[local_t.to(full_table.device), :width] = new_rows.to(
-            full_table.device, full_table.dtype
-        )
         if same_rows and torch.equal(last.lens, new_lens):
+            if torch.equal(last.table, full_table):
+                return last.metadata
             # same lengths, other blocks (the usual case: a fixed budget): swap the table
             patched = with_block_table(last.metadata, full_table)
             if patched is not None:
-                self._reuse = _Built(cm, local, kept, new_lens, patched)
+                self._reuse = _Built(cm, local, full_table, new_lens, patched)
                 return patched
         # only the select rows change; the others keep their exact lengths
         upper = cm.seq_lens_cpu_upper_bound.clone()
@@ -322,8 +330,35 @@ class QueryAwareSelector:
             max_seq_len=int(upper.max()),
         )
         metadata = self._build(restricted)[self.stack.layer_name(index)]
-        self._reuse = _Built(cm, local, kept, new_lens, metadata)
+        self._reuse = _Built(cm, local, full_table, new_lens, metadata)
         return metadata
+
+    def _restrict_in_op(
+        self,
+        index: int,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        rows: _Rows,
+        table_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """The fused route: per policy group, the op scores, chooses and writes the rows'
+        restricted table rows into ``table_out``; returns their restricted lengths."""
+        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
+        query = query.reshape(len(rows.local), -1, head_size)
+        scale = self.stack.attention_scale(index)
+        new_lens = torch.empty(len(rows.local), dtype=torch.long)
+        for mask, policy, plan in rows.groups:
+            new_lens[mask] = self._sparq.restrict(
+                query[mask],
+                kv_cache,
+                rows.table[mask],
+                plan.seq_lens,
+                policy,
+                scale,
+                table_out,
+                rows.local_t[mask],
+            )
+        return new_lens
 
     def _kept(
         self, index: int, query: torch.Tensor, kv_cache: torch.Tensor, rows: _Rows, cur: _Current
@@ -409,6 +444,45 @@ class SparqScorer:
     ) -> torch.Tensor:
         """``[r, width]`` block ranks of rows ``query`` ``[r, H, D]`` (0 past a row's end)."""
         mass = self.op.sparq_block_mass(
+            *self._op_args(query, kv_cache, table, seq_lens, policy, scale)
+        )
+        return torch.nn.functional.pad(mass, (0, width - mass.shape[1]))
+
+    def restrict(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        policy: AttentionPolicy,
+        scale: float,
+        table_out: torch.Tensor,
+        rows_out: torch.Tensor,
+    ) -> torch.Tensor:
+        """The rows' kept blocks (sinks, recent window, the top masses up to the budget:
+        :func:`~vllm_utio.kv_selection.select_blocks` without ``top_p`` or held blocks)
+        written in logical order into ``table_out`` at rows ``rows_out``, in one op call;
+        returns the rows' restricted lengths (:func:`~vllm_utio.kv_selection.restrict_rows`)."""
+        bs = self.block_size
+        return self.op.sparq_restrict(
+            *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
+            policy.sink_tokens // bs,
+            policy.recent_tokens,
+            budget_blocks(policy.budget_tokens, bs),
+            table_out,
+            rows_out,
+        )
+
+    def _op_args(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        policy: AttentionPolicy,
+        scale: float,
+    ) -> tuple:
+        return (
             query.float().contiguous(),
             kv_cache,
             kv_cache.stride(0),
@@ -423,7 +497,6 @@ class SparqScorer:
             policy.sparq_channels,
             scale,
         )
-        return torch.nn.functional.pad(mass, (0, width - mass.shape[1]))
 
 
 def summary_dtype(cache_dtype: torch.dtype) -> torch.dtype:
