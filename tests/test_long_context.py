@@ -69,6 +69,25 @@ def test_policy_list_is_data_and_guarded():
     assert names == ["vanilla", "utio-dense", "throttle-all", "wide-all", "throttle-routed"]
 
 
+def test_routed_low_high_is_an_importance_scaled_budget():
+    """``--routed LOW+HIGH``: one surrogate engine whose low-score tokens get LOW and
+    every other token HIGH (no dense level reached); unknown or 3-part names are skipped."""
+    policies = lp.parse_policy_args(["sparq512", "sparq1024"])
+    routed, notes = lp.routable(
+        ["sparq512+sparq1024", "sparq512+nope", "a+b+c", "sparq512"], policies
+    )
+    assert routed == ["sparq512+sparq1024", "sparq512"] and len(notes) == 2
+    engines = lp.engine_configs(policies, routed, NUM_LAYERS, 0.12)
+    cfg = parse_utio_config(engines["routed-sparq512+sparq1024"])
+    cfg.check_against_model(NUM_LAYERS, block_size=32)
+    low, high = cfg.buckets
+    assert (low.max_score, low.attention.budget_tokens) == (0.12, 512)
+    assert (high.max_score, high.attention.budget_tokens) == (1.0, 1024)
+    assert len(parse_utio_config(engines["routed-sparq512"]).buckets) == 1
+    case = lp.cases(policies, routed, 0.12)[-2]
+    assert case.name == "sparq512+sparq1024-routed" and "the others select" in case.description
+
+
 def test_engine_dtype_follows_the_cpu():
     import torch
 

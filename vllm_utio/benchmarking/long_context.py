@@ -210,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--routed",
         nargs="*",
         default=list(lp.ROUTED),
-        help="policies also applied by importance routing (surrogate score), one engine each",
+        help="policies also applied by importance routing (surrogate score), one engine "
+        "each; LOW+HIGH: LOW under the score, HIGH above (an importance-scaled budget)",
     )
     parser.add_argument(
         "--route-max-score",
@@ -255,12 +256,8 @@ def plan(args: argparse.Namespace, model: str) -> dict[str, Any]:
     policies, notes = lp.available(lp.parse_policy_args(args.policy))
     if args.quick:
         policies = lp.with_recent(policies, lp.QUICK_RECENT_TOKENS)
-    routed = [p for p in args.routed if p in policies]
-    notes += [
-        f"routed policy {p!r} skipped: not among the policies run"
-        for p in args.routed
-        if p not in policies
-    ]
+    routed, skipped = lp.routable(args.routed, policies)
+    notes += skipped
     engines = lp.engine_configs(policies, routed, shape["num_layers"], args.route_max_score)
     per_token = lp.kv_bytes_per_token(model, lp.resolve_dtype(args.dtype))
     kv = (

@@ -20,6 +20,9 @@ Engines (UTIO configs that differ only in attention):
   ``max_score``: the importance score decides per token and step only whether its
   attention is sparse. Depth never changes (a bucket may keep all layers: the config
   only forbids keeping more), so this routes the attention policy alone.
+- ``routed-<low>+<high>``: an importance-scaled budget: tokens scoring under
+  ``max_score`` get policy ``low``, the others ``high`` (e.g. ``sparq512+sparq1024``:
+  high-importance tokens read more blocks), none dense.
 """
 
 from __future__ import annotations
@@ -134,8 +137,33 @@ def with_recent(policies: dict[str, dict[str, Any]], recent: int) -> dict[str, d
 def quick_engine_configs(num_layers: int) -> dict[str, dict[str, Any] | None]:
     """The engines both tools build with ``--quick`` and default policy options."""
     policies = with_recent(available(POLICIES)[0], QUICK_RECENT_TOKENS)
-    routed = [p for p in ROUTED if p in policies]
+    routed = routable(ROUTED, policies)[0]
     return engine_configs(policies, routed, num_layers, ROUTE_MAX_SCORE)
+
+
+def routable(
+    names: list[str] | tuple[str, ...], policies: dict[str, dict[str, Any]]
+) -> tuple[list[str], list[str]]:
+    """(the ``--routed`` names whose policies are run: ``NAME`` or ``LOW+HIGH``, a note
+    per name skipped)."""
+    ok = [n for n in names if len(n.split("+")) <= 2 and all(p in policies for p in n.split("+"))]
+    notes = [
+        f"routed policy {n!r} skipped: not among the policies run" for n in names if n not in ok
+    ]
+    return ok, notes
+
+
+def routed_buckets(
+    name: str, policies: dict[str, dict[str, Any]], num_layers: int, max_score: float
+) -> list[dict[str, Any]]:
+    """The surrogate engine's buckets of ``--routed`` ``name``: ``NAME`` (scores under
+    ``max_score`` sparse, the rest dense) or ``LOW+HIGH`` (under it ``LOW``, the rest
+    ``HIGH``: an importance-scaled budget)."""
+    low, _, high = name.partition("+")
+    buckets = [_full_bucket(low, num_layers, max_score, policies[low])]
+    if high:  # every score a bucket can take (max_score <= 1) goes to one of the two
+        buckets.append(_full_bucket(high, num_layers, 1.0, policies[high]))
+    return buckets
 
 
 def _full_bucket(name: str, num_layers: int, max_score: float, attention: dict) -> dict:
@@ -165,8 +193,8 @@ def engine_configs(
         "utio": {"enabled": True, "router": "forced", "buckets": buckets},
     }
     for name in routed:
-        bucket = _full_bucket(name, num_layers, route_max_score, policies[name])
-        out[f"routed-{name}"] = {"enabled": True, "router": "surrogate", "buckets": [bucket]}
+        buckets = routed_buckets(name, policies, num_layers, route_max_score)
+        out[f"routed-{name}"] = {"enabled": True, "router": "surrogate", "buckets": buckets}
     return out
 
 
@@ -180,13 +208,15 @@ def cases(
     for name, spec in policies.items():
         out.append(Case(f"{name}-all", "utio", name, f"every decode token: {_describe(spec)}"))
     for name in routed:
+        low, _, high = name.partition("+")
+        rest = f"the others {_describe(policies[high])}" if high else "the others dense"
         out.append(
             Case(
                 f"{name}-routed",
                 f"routed-{name}",
                 None,
                 f"decode tokens with surrogate importance < {route_max_score}: "
-                f"{_describe(policies[name])}; the others dense (all full depth)",
+                f"{_describe(policies[low])}; {rest} (all full depth)",
             )
         )
     return out

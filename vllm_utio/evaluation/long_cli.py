@@ -71,7 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME[=JSON]",
         help=f"attention policies (default: {', '.join(lp.POLICIES)}); NAME=JSON for your own",
     )
-    parser.add_argument("--routed", nargs="*", default=list(lp.ROUTED))
+    parser.add_argument(
+        "--routed",
+        nargs="*",
+        default=list(lp.ROUTED),
+        help="policies also applied by importance routing; LOW+HIGH: LOW under the score, "
+        "HIGH above (an importance-scaled budget)",
+    )
     parser.add_argument("--route-max-score", type=float, default=lp.ROUTE_MAX_SCORE)
     parser.add_argument("--batch-size", type=int, default=8, help="requests per engine call")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
@@ -398,7 +404,7 @@ def run(args: argparse.Namespace, llms: dict[str, Any] | None = None) -> int:
     policies, skipped = lp.available(lp.parse_policy_args(args.policy))
     if args.quick:
         policies = lp.with_recent(policies, lp.QUICK_RECENT_TOKENS)
-    routed = [p for p in args.routed if p in policies]
+    routed = lp.routable(args.routed, policies)[0]
     engines = lp.engine_configs(policies, routed, shape["num_layers"], args.route_max_score)
     cases = lp.cases(policies, routed, args.route_max_score)
     tokenizer = AutoTokenizer.from_pretrained(model)
