@@ -304,7 +304,9 @@ def method_notes(p: dict[str, Any], timing: bool) -> list[str]:
             "writes excluded) / measured step ms, from the same runs; ceiling = 1 / (1 - "
             "share), the speedup if attention were free; vslash's vertical-block estimate "
             "(one layer's cached K scored per step) runs outside the kernel, so it counts "
-            "as non-attention time"
+            "as non-attention time; select's choosing runs inside impl.forward (before the "
+            "kernel), so for select policies it is included: the kernel alone is attention "
+            "minus selection ms"
         )
     return notes
 
