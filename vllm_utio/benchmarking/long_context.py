@@ -199,26 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--policy",
-        nargs="+",
-        default=None,
-        metavar="NAME[=JSON]",
-        help=f"attention policies (default: {', '.join(lp.POLICIES)}); NAME=JSON for your own",
-    )
-    parser.add_argument(
-        "--routed",
-        nargs="*",
-        default=list(lp.ROUTED),
-        help="policies also applied by importance routing (surrogate score), one engine "
-        "each; LOW+HIGH: LOW under the score, HIGH above (an importance-scaled budget)",
-    )
-    parser.add_argument(
-        "--route-max-score",
-        type=float,
-        default=lp.ROUTE_MAX_SCORE,
-        help="routed cases: decode tokens scoring below this get the sparse policy",
-    )
+    lp.add_policy_arguments(parser)
     parser.add_argument(
         "--engines",
         choices=("auto", "together", "sequential"),

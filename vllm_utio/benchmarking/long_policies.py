@@ -317,6 +317,30 @@ def shutdown(llm: Any) -> None:
     _shutdown(llm)
 
 
+def add_policy_arguments(parser: Any) -> None:
+    """``--policy``, ``--routed`` and ``--route-max-score``, shared by both tools."""
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        default=None,
+        metavar="NAME[=JSON]",
+        help=f"attention policies (default: {', '.join(POLICIES)}); NAME=JSON for your own",
+    )
+    parser.add_argument(
+        "--routed",
+        nargs="*",
+        default=list(ROUTED),
+        help="policies also applied by importance routing (surrogate score), one engine "
+        "each; LOW+HIGH: LOW under the score, HIGH above (an importance-scaled budget)",
+    )
+    parser.add_argument(
+        "--route-max-score",
+        type=float,
+        default=ROUTE_MAX_SCORE,
+        help="routed cases: decode tokens scoring below this get the sparse policy",
+    )
+
+
 def add_block_size_argument(parser: Any) -> None:
     parser.add_argument(
         "--block-size",

@@ -64,21 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=48,
         help="retrieval cases per context (kinds in rotation, depths spread over 0-100%%)",
     )
-    parser.add_argument(
-        "--policy",
-        nargs="+",
-        default=None,
-        metavar="NAME[=JSON]",
-        help=f"attention policies (default: {', '.join(lp.POLICIES)}); NAME=JSON for your own",
-    )
-    parser.add_argument(
-        "--routed",
-        nargs="*",
-        default=list(lp.ROUTED),
-        help="policies also applied by importance routing; LOW+HIGH: LOW under the score, "
-        "HIGH above (an importance-scaled budget)",
-    )
-    parser.add_argument("--route-max-score", type=float, default=lp.ROUTE_MAX_SCORE)
+    lp.add_policy_arguments(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="requests per engine call")
     parser.add_argument("--kv-cache-gib", type=float, default=None)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
