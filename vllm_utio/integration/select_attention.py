@@ -281,8 +281,9 @@ class QueryAwareSelector:
             cm.query_start_loc_cpu[local_t],
             torch.as_tensor(chosen, dtype=torch.long),
             groups,
+            # the op writes the restricted rows into a copy of the sub-batch's table
             fused=self._sparq is not None
-            and table.device.type == "cpu"
+            and cm.block_table_tensor.device.type == "cpu"
             and all(p.scoring == "sparq" and not p.hold_steps for _, p, _ in groups),
         )
         return self._rows
@@ -295,13 +296,15 @@ class QueryAwareSelector:
         if rows is None:
             return None
         cm = cur.common
-        query = query[rows.query_rows.to(query.device)]
+        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
+        query = query[rows.query_rows.to(query.device)].reshape(len(rows.local), -1, head_size)
+        scale = self.stack.attention_scale(index)
         local, local_t = rows.local, rows.local_t
         full_table = cm.block_table_tensor.clone()
         if rows.fused:
-            new_lens = self._restrict_in_op(index, query, kv_cache, rows, full_table)
+            new_lens = self._restrict_in_op(query, scale, kv_cache, rows, full_table)
         else:
-            kept = self._kept(index, query, kv_cache, rows, cur)
+            kept = self._kept(index, query, scale, kv_cache, rows, cur)
             new_rows, new_lens = restrict_rows(rows.table, rows.seq_lens, kept, self.block_size)
             full_table[local_t.to(full_table.device), : kept.shape[1]] = new_rows.to(
                 full_table.device, full_table.dtype
@@ -335,17 +338,14 @@ class QueryAwareSelector:
 
     def _restrict_in_op(
         self,
-        index: int,
         query: torch.Tensor,
+        scale: float,
         kv_cache: torch.Tensor,
         rows: _Rows,
         table_out: torch.Tensor,
     ) -> torch.Tensor:
         """The fused route: per policy group, the op scores, chooses and writes the rows'
         restricted table rows into ``table_out``; returns their restricted lengths."""
-        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
-        query = query.reshape(len(rows.local), -1, head_size)
-        scale = self.stack.attention_scale(index)
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
         for mask, policy, plan in rows.groups:
             new_lens[mask] = self._sparq.restrict(
@@ -361,14 +361,17 @@ class QueryAwareSelector:
         return new_lens
 
     def _kept(
-        self, index: int, query: torch.Tensor, kv_cache: torch.Tensor, rows: _Rows, cur: _Current
+        self,
+        index: int,
+        query: torch.Tensor,
+        scale: float,
+        kv_cache: torch.Tensor,
+        rows: _Rows,
+        cur: _Current,
     ) -> torch.Tensor:
         """``[R, NB]`` kept-block mask of the select rows (grouped by policy); records
         the ranked blocks of rows that hold them."""
         bs = self.block_size
-        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
-        query = query.reshape(len(rows.local), -1, head_size)
-        scale = self.stack.attention_scale(index)
         width = rows.table.shape[1]
         kept = torch.zeros((len(rows.local), width), dtype=torch.bool)
         per_head = None  # every row's q.k bounds, when a 'bound' group needs them
