@@ -205,6 +205,11 @@ def test_vslash_config_errors():
     assert "scoring only apply to policy 'select'" in err(
         {"policy": "throttle", "scoring": "sparq"}
     )
+    msg = err({"policy": "select", "select_every": 0})
+    assert "'attention_all.select_every': value 0" in msg and "greater than or equal to 1" in msg
+    assert "select_every only apply to policy 'select'" in err(
+        {"policy": "throttle", "select_every": 2}
+    )
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg

@@ -5,8 +5,9 @@ between requests, the forced router with full-depth buckets that differ only in
 attention: ``wide`` (select with a budget larger than any context here), ``narrow``
 (select: 32 sinks + 64 recent + the best blocks up to 256 positions), ``throttle``
 (the same sinks and window, nothing chosen), ``tiny`` (select, 2 blocks of 32 only),
-``held`` (``narrow`` holding ranked blocks for 4 more steps) and ``sparq`` (``narrow``
-ranking blocks by SparQ's approximate per-key scores instead of block bounds).
+``held`` (``narrow`` holding ranked blocks for 4 more steps), ``sparq`` (``narrow``
+ranking blocks by SparQ's approximate per-key scores instead of block bounds) and
+``sparq_every7`` (``sparq`` choosing at every 7th layer only).
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ BUCKETS = [
         "max_score": 0.95,
         "keep_first": NUM_LAYERS,
         "attention": {**NARROW, "scoring": "sparq", "sparq_channels": 16},
+    },
+    {
+        "name": "sparq_every7",
+        "max_score": 0.97,
+        "keep_first": NUM_LAYERS,
+        "attention": {**NARROW, "scoring": "sparq", "select_every": 7},
     },
 ]
 MAX_TOKENS = 24
@@ -140,6 +147,23 @@ def test_small_budget_reads_less_and_changes_outputs(select_llm, prompts):
         assert stats["vllm_model_steps"] == stats["steps"] > 0, name
         assert stats["select_s"] > 0, name
     assert reads["tiny"][0] != dense, "two 32-token blocks of a 760-token context"
+
+
+def test_select_every_reuses_a_layers_choice_in_the_layers_after_it(select_llm, prompts):
+    runs = {}
+    for name in ("sparq", "sparq_every7"):
+        _stats(select_llm)
+        out = _greedy(select_llm, prompts, [{"utio_bucket": name}] * 2, salt=f"every-{name}")
+        runs[name] = out, _stats(select_llm)
+    (every_out, every), (_, each) = runs["sparq_every7"], runs["sparq"]
+    # layers 2..29 select: each of them chooses with select_every 1; with 7, layers 2, 9,
+    # 16 and 23 choose and the 6 after each read what it chose
+    assert each["select_choices"] == 7 * every["select_choices"] > 0
+    assert every["steps"] == each["steps"]
+    # the reused choices leave out as many positions (a fixed budget): the same KV read
+    # (a layer between choices that read everything would read more)
+    assert every["kv_tokens_read"] == each["kv_tokens_read"] < each["kv_tokens_dense"]
+    assert len(every_out) == 2 and all(len(o) == MAX_TOKENS for o in every_out)
 
 
 def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm, prompts):

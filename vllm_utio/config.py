@@ -81,6 +81,14 @@ class AttentionPolicy(_Strict):
         description="select: the first layers read every position (their queries are too "
         "diffuse to select by).",
     )
+    select_every: int = Field(
+        default=1,
+        ge=1,
+        description="select: a fresh choice every this many layers, from dense_layers on; "
+        "the layers between read the blocks the last choosing layer picked (neighbouring "
+        "layers attend to much the same positions, as in TidalDecode), so choosing costs "
+        "1/select_every as much. 1: every layer chooses from its own query.",
+    )
     top_p: float | None = Field(
         default=None,
         gt=0.0,
@@ -128,6 +136,7 @@ class AttentionPolicy(_Strict):
             "select": {
                 "budget_tokens",
                 "dense_layers",
+                "select_every",
                 "top_p",
                 "hold_steps",
                 "heads",

@@ -32,6 +32,9 @@ class UtioStats:
     estimate_s: float = 0.0  # the vslash vertical estimate (after the forward)
     select_s: float = 0.0  # select policy: bounds, top-k and per-layer metadata (in forward_s)
     summary_s: float = 0.0  # select policy: folding written keys into block summaries
+    # select policy: layers (of a sub-batch, per step) that chose blocks afresh; the
+    # layers between choices ('select_every') reuse the last choice and are not counted
+    select_choices: int = 0
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the forward (layer loop with KV fill, or vLLM's model)

@@ -143,6 +143,11 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Time choosing KV blocks for policy 'select': bounds, top-k, per-layer metadata.",
     ),
     (
+        "utio_select_choices",
+        "select_choices",
+        "Layers that chose KV blocks afresh for policy 'select' (per sub-batch and step).",
+    ),
+    (
         "utio_summary_seconds",
         "summary_s",
         "Time folding written keys into the block key summaries (policy 'select').",

@@ -73,6 +73,7 @@ class _Built:
     table: torch.Tensor  # the sub-batch's restricted block table
     lens: torch.Tensor  # [rows] restricted sequence lengths
     metadata: Any  # backend metadata (one KV-cache group: every layer shares it)
+    saved: int  # KV positions its rows leave out
 
 
 @dataclasses.dataclass
@@ -92,6 +93,12 @@ class _Rows:
     groups: list[tuple[torch.Tensor | slice, AttentionPolicy, SelectPlan]]
     # every group is 'sparq' without held blocks: the op chooses and restricts in one call
     fused: bool = False
+
+    def chooses(self, index: int) -> bool:
+        """Whether layer ``index`` chooses afresh: a choosing layer of some row's policy
+        (every ``select_every`` layers from its ``dense_layers``); else it reads what the
+        last choosing layer picked."""
+        return any((index - p.dense_layers) % p.select_every == 0 for _, p, _ in self.groups)
 
 
 class QueryAwareSelector:
@@ -296,6 +303,13 @@ class QueryAwareSelector:
         if rows is None:
             return None
         cm = cur.common
+        last = self._reuse
+        same_rows = last is not None and last.common is cm and last.rows == rows.local
+        if same_rows and not rows.chooses(index):
+            # between choosing layers: the blocks the last choosing layer picked
+            self.saved_tokens += last.saved
+            return last.metadata
+        self._stats().select_choices += 1
         head_size = int(self.stack.layers[index].self_attn.attn.head_size)
         query = query[rows.query_rows.to(query.device)].reshape(len(rows.local), -1, head_size)
         scale = self.stack.attention_scale(index)
@@ -309,16 +323,15 @@ class QueryAwareSelector:
             full_table[local_t.to(full_table.device), : kept.shape[1]] = new_rows.to(
                 full_table.device, full_table.dtype
             )
-        self.saved_tokens += int((rows.seq_lens - new_lens).sum())
-        last = self._reuse
-        same_rows = last is not None and last.common is cm and last.rows == local
+        saved = int((rows.seq_lens - new_lens).sum())
+        self.saved_tokens += saved
         if same_rows and torch.equal(last.lens, new_lens):
             if torch.equal(last.table, full_table):
                 return last.metadata
             # same lengths, other blocks (the usual case: a fixed budget): swap the table
             patched = with_block_table(last.metadata, full_table)
             if patched is not None:
-                self._reuse = _Built(cm, local, full_table, new_lens, patched)
+                self._reuse = _Built(cm, local, full_table, new_lens, patched, saved)
                 return patched
         # only the select rows change; the others keep their exact lengths
         upper = cm.seq_lens_cpu_upper_bound.clone()
@@ -333,7 +346,7 @@ class QueryAwareSelector:
             max_seq_len=int(upper.max()),
         )
         metadata = self._build(restricted)[self.stack.layer_name(index)]
-        self._reuse = _Built(cm, local, full_table, new_lens, metadata)
+        self._reuse = _Built(cm, local, full_table, new_lens, metadata, saved)
         return metadata
 
     def _restrict_in_op(
