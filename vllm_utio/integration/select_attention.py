@@ -11,7 +11,9 @@ per layer from that layer's own query (the spec is :mod:`vllm_utio.kv_selection`
   the wrapper scores the running batch's select rows, restricts their block-table rows
   and hands the kernel that layer's metadata instead of the step's. A later layer whose
   restricted lengths are the same (a fixed budget) reuses that metadata with only its
-  block table swapped.
+  block table swapped. With ``select_every`` N only every N-th layer chooses; the layers
+  between get the last choosing layer's metadata as it is (one block table serves every
+  layer's cache).
 """
 
 from __future__ import annotations
