@@ -1,6 +1,6 @@
 """What select's ``sparq`` scoring costs per layer: UTIO's C++ op on one thread.
 
-    python benchmarks/sparq_op_cost.py [--rows 32] [--contexts 4096 8064] [-o DIR]
+    python benchmarks/sparq_op_cost.py [--rows 32] [--contexts 4096 8064] [--huge-pages] [-o DIR]
 
 Paged bf16 caches in the CPU backend's layout (per block and KV head: K as ``[channel,
 token]``, then V), the default model's shape (3 KV heads, 9 query heads, head size 64,
@@ -8,8 +8,9 @@ token]``, then V), the default model's shape (3 KV heads, 9 query heads, head si
 DRAM as in a decode step (one cache re-read would sit in the L3 and look faster). Tables
 either in allocation order (a fresh engine: a row's blocks follow each other) or scattered
 (a long-running server). Also the torch spec (``kv_selection.sparq_block_mass``) on the
-same data, the cost without the op. Medians over rounds; prints a markdown table, ``-o``
-writes it and the raw JSON.
+same data, the cost without the op. ``--huge-pages``: the caches moved onto 2 MiB pages
+first, as UTIO's engine does with vLLM's (``kv_huge_pages``). Medians over rounds; prints a
+markdown table, ``-o`` writes it and the raw JSON.
 """
 
 from __future__ import annotations
@@ -66,12 +67,14 @@ def spec_ms(cache: torch.Tensor, table, lens, channels: int) -> float:
 
 def main() -> None:
     from vllm_utio.cpu_ops import load
+    from vllm_utio.integration.huge_pages import back_with_huge_pages
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--contexts", type=int, nargs="+", default=[4096, 8064])
     ap.add_argument("--channels", type=int, nargs="+", default=[16])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--huge-pages", action="store_true", help="caches on 2 MiB pages")
     ap.add_argument("-o", "--output", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)  # vLLM's CPU worker runs one thread on a 2-core machine
@@ -79,18 +82,24 @@ def main() -> None:
     results = []
     for context in args.contexts:
         layers = caches(args.rows, context, LAYERS)
+        if args.huge_pages:
+            back_with_huge_pages(layers)
         nb = -(-context // BLOCK)
         lens = torch.full((args.rows,), context, dtype=torch.long)
         in_order = torch.arange(args.rows * nb).reshape(args.rows, nb)
         scattered = torch.randperm(layers[0].shape[0])[: args.rows * nb].reshape(args.rows, nb)
         for channels in args.channels:
             row = {"context": context, "rows": args.rows, "channels": channels}
+            row["huge_pages"] = args.huge_pages
             row["in_order_ms"] = per_layer_ms(op, layers, in_order, lens, channels, args.rounds)
             row["scattered_ms"] = per_layer_ms(op, layers, scattered, lens, channels, args.rounds)
             row["spec_ms"] = spec_ms(layers[0], scattered, lens, channels)
             results.append(row)
         del layers
+    pages = "2 MiB" if args.huge_pages else "4 KiB"
     lines = [
+        f"Caches on {pages} pages.",
+        "",
         "| context | rows | channels | op, blocks in order (ms/layer) "
         "| op, scattered (ms/layer) | per step (x28 layers, scattered) | torch spec (ms/layer) |",
         "|---|---|---|---|---|---|---|",

@@ -13,6 +13,7 @@ from conftest import BUCKETS, ENGINE_KW, make_llm, model_path
 from prompts import PROMPTS
 
 from vllm_utio.config import UtioConfigError
+from vllm_utio.integration.huge_pages import thp_mode
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 24
@@ -95,6 +96,17 @@ def test_full_depth_plan_matches_vanilla(vanilla_llm, forced_llm):
     assert after["layer_tokens_run"] - before["layer_tokens_run"] == (
         after["layer_tokens_full"] - before["layer_tokens_full"]
     )
+
+
+@pytest.mark.skipif(
+    thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel"
+)
+def test_kv_cache_is_on_huge_pages_and_tokens_stay_vanilla(forced_llm):
+    # kv_huge_pages is on by default: the worker reports how much of its KV cache
+    # /proc/self/smaps shows on 2 MiB pages (all but the unaligned ends of the buffer);
+    # the test above is the token identity with it on
+    stats = forced_llm.collective_rpc("utio_stats")[0]
+    assert stats["kv_huge_page_bytes"] >= ENGINE_KW["kv_cache_memory_bytes"] - (4 << 20)
 
 
 def test_bad_request_control_is_refused_before_anything_runs(forced_llm):

@@ -88,6 +88,25 @@ def test_routed_low_high_is_an_importance_scaled_budget():
     assert case.name == "sparq512+sparq1024-routed" and "the others select" in case.description
 
 
+def test_small_pages_cases_rerun_the_forced_engine_on_4k_pages():
+    """``--small-pages``: one more engine, the forced one with ``kv_huge_pages`` off, and
+    UTIO dense and every policy again on it (routed cases are not repeated)."""
+    policies = lp.parse_policy_args(["throttle"])
+    engines = lp.engine_configs(policies, ["throttle"], NUM_LAYERS, 0.12, small_pages=True)
+    small = parse_utio_config(engines[lp.SMALL_PAGES])
+    assert not small.kv_huge_pages and parse_utio_config(engines["utio"]).kv_huge_pages
+    assert {**engines[lp.SMALL_PAGES], "kv_huge_pages": True} == {
+        **engines["utio"],
+        "kv_huge_pages": True,
+    }
+    cases = lp.cases(policies, ["throttle"], 0.12, small_pages=True)
+    extra = [(c.name, c.engine, c.pin) for c in cases if c.engine == lp.SMALL_PAGES]
+    assert extra == [
+        ("utio-dense-small-pages", lp.SMALL_PAGES, None),
+        ("throttle-all-small-pages", lp.SMALL_PAGES, "throttle"),
+    ]
+
+
 def test_engine_dtype_follows_the_cpu():
     import torch
 

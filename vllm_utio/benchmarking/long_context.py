@@ -211,6 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eager", action="store_true", help="enforce_eager on every engine")
     parser.add_argument(
+        "--small-pages",
+        action="store_true",
+        help="also run UTIO dense and every policy with the KV cache on 4 KiB pages "
+        "(kv_huge_pages off; one more engine), to see what huge pages alone change",
+    )
+    parser.add_argument(
         "--no-attention-timing", action="store_true", help="do not time the attention kernel"
     )
     parser.add_argument(
@@ -239,7 +245,10 @@ def plan(args: argparse.Namespace, model: str) -> dict[str, Any]:
         policies = lp.with_recent(policies, lp.QUICK_RECENT_TOKENS)
     routed, skipped = lp.routable(args.routed, policies)
     notes += skipped
-    engines = lp.engine_configs(policies, routed, shape["num_layers"], args.route_max_score)
+    small = args.small_pages
+    engines = lp.engine_configs(
+        policies, routed, shape["num_layers"], args.route_max_score, small_pages=small
+    )
     per_token = lp.kv_bytes_per_token(model, lp.resolve_dtype(args.dtype))
     kv = (
         int(args.kv_cache_gib * (1 << 30))
@@ -254,7 +263,7 @@ def plan(args: argparse.Namespace, model: str) -> dict[str, Any]:
         "policies": policies,
         "routed": routed,
         "engines": engines,
-        "cases": lp.cases(policies, routed, args.route_max_score),
+        "cases": lp.cases(policies, routed, args.route_max_score, small_pages=small),
         "kv_bytes": kv,
         "max_len": longest,
         "mode": mode,
@@ -270,6 +279,8 @@ def method_notes(p: dict[str, Any], timing: bool) -> list[str]:
         "'-all' cases pin every request to a full-depth bucket carrying the policy on one "
         "forced-router engine (same code path as attention_all); utio-dense is the same "
         "engine unpinned, so it is the reference for the policies' speedup",
+        "UTIO engines put the KV cache on 2 MiB huge pages (kv_huge_pages, default on); "
+        "'-small-pages' cases: the forced engine with it off (4 KiB pages, as vanilla)",
         "'-routed' cases: surrogate router, one full-depth bucket with the policy; "
         "sparse share = decode tokens the router sent to it",
         "kv read = cached positions decode tokens attended to / what dense attention reads "

@@ -74,6 +74,8 @@ POLICIES: dict[str, dict[str, Any]] = {
         "top_p": 0.9,
     },
 }
+SMALL_PAGES = "utio-small-pages"  # engine key: the forced engine, kv_huge_pages off
+SMALL_PAGES_SUFFIX = "-small-pages"  # its cases: the forced engine's, renamed
 DEFAULT_BLOCK_SIZE = 128  # vLLM CPU default; select finds facts better with 32 (--block-size)
 # tokens per prefill step: a step must end within vLLM's 300 s limit; 8192 tokens at 4k-8k
 # positions took about 3 min on one AVX2 core in float32 (bf16 there ran past the limit)
@@ -181,8 +183,10 @@ def engine_configs(
     routed: list[str],
     num_layers: int,
     route_max_score: float,
+    small_pages: bool = False,
 ) -> dict[str, dict[str, Any] | None]:
-    """Engine key -> UTIO config (None: UTIO off)."""
+    """Engine key -> UTIO config (None: UTIO off); ``small_pages``: also the forced engine
+    with its KV cache left on 4 KiB pages (``kv_huge_pages`` off), to measure that alone."""
     # forced routing ignores max_score, but the config wants it increasing
     buckets = [
         _full_bucket(name, num_layers, (i + 1) / (len(policies) + 1), spec)
@@ -195,11 +199,16 @@ def engine_configs(
     for name in routed:
         buckets = routed_buckets(name, policies, num_layers, route_max_score)
         out[f"routed-{name}"] = {"enabled": True, "router": "surrogate", "buckets": buckets}
+    if small_pages:
+        out[SMALL_PAGES] = {**out["utio"], "kv_huge_pages": False}
     return out
 
 
 def cases(
-    policies: dict[str, dict[str, Any]], routed: list[str], route_max_score: float
+    policies: dict[str, dict[str, Any]],
+    routed: list[str],
+    route_max_score: float,
+    small_pages: bool = False,
 ) -> list[Case]:
     out = [
         Case("vanilla", "vanilla", None, "vLLM, UTIO off"),
@@ -219,6 +228,11 @@ def cases(
                 f"{_describe(policies[low])}; {rest} (all full depth)",
             )
         )
+    if small_pages:
+        small = [c for c in out if c.engine == "utio"]
+        for c in small:
+            note = f"{c.description}; KV cache on 4 KiB pages"
+            out.append(Case(f"{c.name}{SMALL_PAGES_SUFFIX}", SMALL_PAGES, c.pin, note))
     return out
 
 

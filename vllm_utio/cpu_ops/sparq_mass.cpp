@@ -21,7 +21,9 @@
 
 namespace {
 
-constexpr int64_t kAhead = 2;  // blocks prefetched ahead
+// blocks prefetched ahead: at 4k context, 32-token blocks and one thread, 6 took 15% less
+// time than 2 with the cache on 4 KiB pages, 27% less on 2 MiB ones
+constexpr int64_t kAhead = 6;
 constexpr int64_t kLine = 64;  // cache line bytes
 
 // keys as float; bf16 by its bits (a shift), so the loops below vectorize

@@ -8,6 +8,7 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm_utio.integration.huge_pages import back_with_huge_pages
 from vllm_utio.integration.runner import UtioRunnerMixin
 from vllm_utio.integration.version import check_vllm_version
 from vllm_utio.integration.worker_rpc import UtioWorkerRpcMixin
@@ -17,6 +18,12 @@ class UtioCPUModelRunner(UtioRunnerMixin, CPUModelRunner):
     def __init__(self, vllm_config: Any, device: torch.device) -> None:
         super().__init__(vllm_config, device)
         self._utio_init()
+
+    def initialize_kv_cache_tensors(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        kv_caches = super().initialize_kv_cache_tensors(*args, **kwargs)
+        if self.utio_cfg.kv_huge_pages:
+            self.utio_kv_huge_page_bytes = back_with_huge_pages(kv_caches.values())
+        return kv_caches
 
 
 class UtioCPUWorker(UtioWorkerRpcMixin, CPUWorker):

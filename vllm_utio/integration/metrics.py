@@ -184,6 +184,7 @@ _SPEC_COUNTERS: tuple[tuple[str, str, str], ...] = (
 # (metric name, stats key, help text): values that go up and down
 _GAUGES: tuple[tuple[str, str, str], ...] = (
     ("utio_summary_bytes", "summary_bytes", "Memory of the block key summaries ('select')."),
+    ("utio_kv_huge_page_bytes", "kv_huge_page_bytes", "KV cache bytes on 2 MiB pages (CPU)."),
     (
         "utio_request_state_entries",
         "request_state_entries",

@@ -99,6 +99,7 @@ class UtioRunnerMixin:
         # while drafting: the draft plan's policy and the draft batch's request ids
         self._utio_policy_override: AttentionPolicy | None = None
         self._utio_draft_req_ids: list[str] | None = None
+        self.utio_kv_huge_page_bytes = 0  # set by a CPU runner that put the cache on them
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         super().load_model(*args, **kwargs)
@@ -646,6 +647,7 @@ class UtioRunnerMixin:
             out["spec_draft_kv_tokens_read"] = draft.kv_tokens_read
             out["spec_draft_kv_tokens_dense"] = draft.kv_tokens_dense
         out["request_state_entries"] = len(set(self._utio_signals) | set(self._utio_ranked) | held)
+        out["kv_huge_page_bytes"] = self.utio_kv_huge_page_bytes  # a gauge
         out["runner_class"] = type(self).__name__
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)
