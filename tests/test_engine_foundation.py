@@ -13,7 +13,7 @@ from conftest import BUCKETS, ENGINE_KW, make_llm, model_path
 from prompts import PROMPTS
 
 from vllm_utio.config import UtioConfigError
-from vllm_utio.integration.huge_pages import thp_mode
+from vllm_utio.integration.huge_pages import huge_pages_possible
 
 pytestmark = pytest.mark.engine
 MAX_TOKENS = 24
@@ -98,9 +98,7 @@ def test_full_depth_plan_matches_vanilla(vanilla_llm, forced_llm):
     )
 
 
-@pytest.mark.skipif(
-    thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel"
-)
+@pytest.mark.skipif(not huge_pages_possible(), reason="no transparent huge pages on this kernel")
 def test_kv_cache_is_on_huge_pages_and_tokens_stay_vanilla(forced_llm):
     # kv_huge_pages is on by default: the worker reports how much of its KV cache
     # /proc/self/smaps shows on 2 MiB pages (all but the unaligned ends of the buffer);

@@ -10,7 +10,7 @@ from vllm_utio.integration.huge_pages import (
     _aligned,
     back_with_huge_pages,
     huge_page_bytes,
-    thp_mode,
+    huge_pages_possible,
 )
 
 
@@ -21,9 +21,7 @@ def test_aligned_interior_of_a_buffer():
     assert _aligned(5, HUGE) == (HUGE, 0)  # no whole huge page inside
 
 
-@pytest.mark.skipif(
-    thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel"
-)
+@pytest.mark.skipif(not huge_pages_possible(), reason="no transparent huge pages on this kernel")
 def test_buffer_moves_onto_huge_pages_with_its_values():
     gen = torch.Generator().manual_seed(0)
     buf = torch.randint(-128, 127, (48 << 20,), dtype=torch.int8, generator=gen)

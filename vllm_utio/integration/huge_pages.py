@@ -40,6 +40,11 @@ def thp_mode() -> str | None:
     return text[start + 1 : end] if 0 <= start < end else None
 
 
+def huge_pages_possible() -> bool:
+    """Whether a buffer here can be asked onto huge pages (THP 'madvise' or 'always')."""
+    return thp_mode() in ("madvise", "always")
+
+
 def _madvise():
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     fn = libc.madvise
@@ -81,7 +86,7 @@ def back_with_huge_pages(buffers: Iterable[torch.Tensor]) -> int:
             storages[s.data_ptr()] = s
     if not storages:
         return 0
-    if thp_mode() not in ("madvise", "always"):
+    if not huge_pages_possible():
         logger.info("UTIO: transparent huge pages are %s here; KV cache on 4 KiB pages", thp_mode())
         return 0
     madvise = _madvise()
