@@ -7,7 +7,8 @@ attention: ``wide`` (select with a budget larger than any context here), ``narro
 (the same sinks and window, nothing chosen), ``tiny`` (select, 2 blocks of 32 only),
 ``held`` (``narrow`` holding ranked blocks for 4 more steps), ``sparq`` (``narrow``
 ranking blocks by SparQ's approximate per-key scores instead of block bounds) and
-``sparq_every7`` (``sparq`` choosing at every 7th layer only).
+``sparq_every7`` (``sparq`` choosing at every 7th layer only); ``sparq_vllm``
+(``sparq`` through vLLM's attention kernel instead of UTIO's own).
 """
 
 from __future__ import annotations
@@ -58,6 +59,12 @@ BUCKETS = [
         "max_score": 0.97,
         "keep_first": NUM_LAYERS,
         "attention": {**NARROW, "scoring": "sparq", "select_every": 7},
+    },
+    {
+        "name": "sparq_vllm",
+        "max_score": 0.98,
+        "keep_first": NUM_LAYERS,
+        "attention": {**NARROW, "scoring": "sparq", "kernel": "vllm"},
     },
 ]
 MAX_TOKENS = 24
@@ -110,6 +117,18 @@ def _greedy(llm, prompts, extra, max_tokens=MAX_TOKENS, salt=None) -> list[list[
 
 def _stats(llm) -> dict:
     return llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+
+
+def _kernel_in_worker(wrapper) -> bool:
+    runner = getattr(wrapper, "worker", wrapper).model_runner
+    return runner._utio_selector is not None and runner._utio_selector._kernel is not None
+
+
+@pytest.fixture(scope="module")
+def utio_kernel(select_llm) -> bool:
+    """Whether UTIO's decode kernel runs in this engine (AVX-512 and the backend's 'vec'
+    cache layout; on AMX machines vLLM packs bf16 blocks for its AMX kernel instead)."""
+    return select_llm.collective_rpc(_kernel_in_worker)[0]
 
 
 def test_select_budget_covering_the_context_is_dense(select_llm, prompts):
@@ -194,7 +213,7 @@ def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm,
     assert _stats(select_llm)["request_state_entries"] == 0
 
 
-def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, prompts):
+def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, prompts, utio_kernel):
     prompts = [prompts[0], prompts[0]]
     dense = _greedy(select_llm, prompts[:1], [None], salt="opt-dense")[0]
     _stats(select_llm)
@@ -216,6 +235,55 @@ def test_opted_out_request_is_dense_next_to_a_sparse_neighbour(select_llm, promp
     skipped = [s["kv_tokens_dense"] - s["kv_tokens_read"] for s in (alone, together)]
     assert skipped[0] == skipped[1] > 0, skipped
     assert mixed[1] != dense
+    # alone, the sparse row's layers run UTIO's kernel (all 30 per decode step);
+    # next to a dense row the sub-batch keeps vLLM's (the dense row's tokens stay
+    # vanilla's, as above), except in steps the sparse row runs alone (chunked prefill
+    # starts the two requests' decodes a step or so apart)
+    assert alone["select_kernel_calls"] == (NUM_LAYERS * (MAX_TOKENS - 1) if utio_kernel else 0)
+    assert together["select_kernel_calls"] <= NUM_LAYERS * 2, together["select_kernel_calls"]
+
+
+def _greedy_logprobs(llm, prompts, extra, salt):
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2,
+                       extra_args=e)
+        for e in extra
+    ]  # fmt: skip
+    outs = llm.generate([_tokens(p, salt) for p in prompts], params, use_tqdm=False)
+    return [(list(o.outputs[0].token_ids), o.outputs[0].logprobs) for o in outs]
+
+
+def test_utio_kernel_reads_restricted_batches_as_vllms_kernel_does(
+    select_llm, prompts, utio_kernel
+):
+    if not utio_kernel:
+        pytest.skip("UTIO's decode kernel does not run here (no AVX-512 or no 'vec' layout)")
+    runs = {}
+    for name in ("sparq", "sparq_vllm"):
+        _stats(select_llm)
+        out = _greedy_logprobs(select_llm, prompts, [{"utio_bucket": name}] * 2, f"k-{name}")
+        runs[name] = out, _stats(select_llm)
+    (utio, ours), (vllm, theirs) = runs["sparq"], runs["sparq_vllm"]
+    # every layer of every decode step (the 28 restricted ones and the 2 dense ones):
+    # each step's rows are all select rows
+    assert ours["select_kernel_calls"] == NUM_LAYERS * (MAX_TOKENS - 1), ours
+    assert theirs["select_kernel_calls"] == 0
+    assert ours["kv_tokens_read"] == theirs["kv_tokens_read"] < ours["kv_tokens_dense"]
+    for (tokens_u, lp_u), (tokens_v, lp_v) in zip(utio, vllm, strict=True):
+        # The kernels round differently (float accumulation orders), and a layer's query
+        # then can rank a block at the budget's edge differently: the same tokens up to a
+        # close call of vLLM's own top two, logprobs close before it
+        same = next(
+            (i for i, (a, b) in enumerate(zip(tokens_u, tokens_v, strict=True)) if a != b), None
+        )
+        upto = MAX_TOKENS if same is None else same
+        gaps = [abs(lp_u[i][t].logprob - lp_v[i][t].logprob) for i, t in enumerate(tokens_u[:upto])]
+        assert max(gaps) < 0.15 and sorted(gaps)[len(gaps) // 2] < 0.03, gaps
+        if same is not None:  # seen: a margin of 0.125 at the third token
+            top2 = sorted((lp.logprob for lp in lp_v[same].values()), reverse=True)[:2]
+            assert top2[0] - top2[1] < 0.2, (same, top2)
 
 
 def _summaries_vs_cache(wrapper, req_ids: list[str]) -> dict:

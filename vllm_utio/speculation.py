@@ -14,12 +14,13 @@ share of layers it runs, a skipped layer still fills its K/V for about half a la
 work), and a verification of ``k`` drafts ``(1 + v * k) * (S + C)``: each extra query
 token costs ``v`` (``verify_token_cost``) of a plain step. On vLLM 0.32's CPU attention
 ``v`` is about 0.75 (a 5-token verification at 4k context costs about 4 plain steps;
-measured, see the README), so there no draft pays and the rule drafts nothing; a GPU's
-verification is nearly free (``v`` near 0). The gain of ``k`` is
-``E(k) * (S + C) / cost(k)``; a request drafts the ``k`` with the best gain, and none
-unless that gain reaches ``min_gain`` (then the step is a plain decode step, so a request
-whose drafts are rejected costs what it did without speculation). A request that stops
-drafting drifts back towards the prior, so it retries.
+measured, see the README), so there no draft pays and the rule drafts nothing; UTIO's own
+decode kernel (``decode_kernel: "utio"``) reads each block once for all of a row's query
+tokens, and ``v`` falls to about 0.2; a GPU's verification is nearly free (``v`` near 0).
+The gain of ``k`` is ``E(k) * (S + C) / cost(k)``; a request drafts the ``k`` with the
+best gain, and none unless that gain reaches ``min_gain`` (then the step is a plain decode
+step, so a request whose drafts are rejected costs what it did without speculation). A
+request that stops drafting drifts back towards the prior, so it retries.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ class UtioStats:
     # select policy: layers (of a sub-batch, per step) that chose blocks afresh; the
     # layers between choices ('select_every') reuse the last choice and are not counted
     select_choices: int = 0
+    # select policy: attention calls of restricted layers run by UTIO's own decode kernel
+    select_kernel_calls: int = 0
+    # decode_kernel 'utio': attention calls UTIO's decode kernel ran (select's not counted)
+    decode_kernel_calls: int = 0
     routing_s: float = 0.0  # signal + router + bucketing + batch reorder
     metadata_s: float = 0.0  # sub-batch attention metadata builds
     forward_s: float = 0.0  # the forward (layer loop with KV fill, or vLLM's model)

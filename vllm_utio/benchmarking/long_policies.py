@@ -58,6 +58,13 @@ POLICIES: dict[str, dict[str, Any]] = {
         "budget_tokens": 512,
         "scoring": "sparq",
     },
+    "sparq768": {
+        "policy": "select",
+        "sink_tokens": 128,
+        "recent_tokens": 256,
+        "budget_tokens": 768,
+        "scoring": "sparq",
+    },
     "sparq1024": {
         "policy": "select",
         "sink_tokens": 128,

@@ -44,9 +44,10 @@ SKIP_BUCKET = {"name": "draft", "max_score": 0.01, "keep_first": 14, "keep_last"
 def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
     """name -> {'utio': UTIO config or None, 'spec': vLLM speculative_config or None}."""
 
-    def utio(draft: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    def utio(draft: dict[str, Any], kernel: str = "vllm", **extra: Any) -> dict[str, Any]:
         spec = {"tokens": tokens, "draft": draft, **extra}
-        return {"enabled": True, "router": "forced", "speculate": spec}
+        top = {"decode_kernel": kernel} if kernel != "vllm" else {}
+        return {"enabled": True, "router": "forced", **top, "speculate": spec}
 
     out: dict[str, dict[str, Any]] = {
         "vanilla": {"utio": None, "spec": None},
@@ -64,6 +65,22 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "utio": utio({"attention": lp.POLICIES["throttle"]}, adaptive=False),
             "spec": None,
         },
+        # drafts and verification through UTIO's decode kernel (its default verification
+        # cost, 0.2 of a plain step per draft token, lets the adaptive rule draft)
+        "spec-throttle-utio-kernel": {
+            "utio": utio({"attention": lp.POLICIES["throttle"]}, kernel="utio"),
+            "spec": None,
+        },
+        "spec-throttle-fixed-utio-kernel": {
+            "utio": utio({"attention": lp.POLICIES["throttle"]}, adaptive=False, kernel="utio"),
+            "spec": None,
+        },
+        # UTIO's decode kernel, no speculation: what the kernel alone gives (the drafts'
+        # share of a speculative engine's speed is the rest)
+        "utio-kernel": {
+            "utio": {"enabled": True, "router": "forced", "decode_kernel": "utio"},
+            "spec": None,
+        },
         "spec-skip": {
             "utio": {
                 **utio({"attention": {"policy": "dense"}, "bucket": "draft"}),
@@ -75,6 +92,10 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
     if block_size <= 64:  # select finds facts only with fine blocks
         out["spec-select1024"] = {
             "utio": utio({"attention": lp.POLICIES["select1024"]}),
+            "spec": None,
+        }
+        out["spec-sparq768-utio-kernel"] = {
+            "utio": utio({"attention": lp.POLICIES["sparq768"]}, kernel="utio"),
             "spec": None,
         }
     return out

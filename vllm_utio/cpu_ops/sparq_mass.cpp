@@ -272,10 +272,3 @@ torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t b
   });
   return new_lens;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparq_block_mass", &sparq_block_mass,
-        "largest per-head softmax mass of each block from approximate per-key scores");
-  m.def("sparq_restrict", &sparq_restrict,
-        "sparq_block_mass, then each row's kept blocks written as its restricted table row");
-}

@@ -148,6 +148,16 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Layers that chose KV blocks afresh for policy 'select' (per sub-batch and step).",
     ),
     (
+        "utio_select_kernel_calls",
+        "select_kernel_calls",
+        "Restricted attention calls of policy 'select' run by UTIO's own decode kernel.",
+    ),
+    (
+        "utio_decode_kernel_calls",
+        "decode_kernel_calls",
+        "Attention calls run by UTIO's decode kernel under decode_kernel 'utio'.",
+    ),
+    (
         "utio_summary_seconds",
         "summary_s",
         "Time folding written keys into the block key summaries (policy 'select').",

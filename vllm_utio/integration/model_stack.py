@@ -196,7 +196,14 @@ def offsets_shape(attn: Any, cache: torch.Tensor) -> tuple[int, int, int]:
 
 
 def key_offsets(attn: Any, cache: torch.Tensor) -> torch.Tensor | None:
-    """``[block_size, heads, dim]``: where K[t, h, d] sits in a flattened block, or None.
+    """``[block_size, heads, dim]``: where K[t, h, d] sits in a flattened block, or None
+    (:func:`cache_offsets` of the keys)."""
+    return cache_offsets(attn, cache, value=False)
+
+
+def cache_offsets(attn: Any, cache: torch.Tensor, value: bool) -> torch.Tensor | None:
+    """``[block_size, heads, dim]``: where K[t, h, d] (V with ``value``) sits in a
+    flattened block, or None.
 
     The CPU backend packs blocks per ISA (on this machine's "vec" ISA, K is stored
     ``[head, dim, token]``), so instead of assuming a layout we write known values into a
@@ -208,22 +215,23 @@ def key_offsets(attn: Any, cache: torch.Tensor) -> torch.Tensor | None:
     n = block_size * heads * dim
     code = torch.arange(n)
     found = torch.zeros(cache[0].numel(), dtype=torch.long)
-    is_key = torch.ones_like(found, dtype=torch.bool)
+    is_ours = torch.ones_like(found, dtype=torch.bool)
     base, scale = 64, 1
     while scale < n:
         digit = (code // scale) % base + 1  # 1..64; 0 marks a slot the write left alone
         scratch = torch.zeros((1, *cache.shape[1:]), dtype=cache.dtype, device=cache.device)
         k = digit.reshape(block_size, heads, dim).to(cache.dtype).to(cache.device)
+        written = (torch.zeros_like(k), k) if value else (k, torch.zeros_like(k))
         slots = torch.arange(block_size, device=cache.device)
         try:
-            attn.impl.do_kv_cache_update(attn, k, torch.zeros_like(k), scratch, slots)
+            attn.impl.do_kv_cache_update(attn, *written, scratch, slots)
         except (RuntimeError, NotImplementedError, ValueError):
             return None  # e.g. a cache dtype the plain write does not support
         got = scratch.reshape(-1).float().cpu()
-        is_key &= got > 0
+        is_ours &= got > 0
         found += (got.round().long() - 1).clamp(min=0) * scale
         scale *= base
-    where = torch.nonzero(is_key).reshape(-1)
+    where = torch.nonzero(is_ours).reshape(-1)
     codes = found[where]
     if len(where) != n or not torch.equal(torch.sort(codes).values, code):
         return None

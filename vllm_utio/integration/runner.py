@@ -41,6 +41,7 @@ from vllm_utio.integration.attention import (
     build_metadata,
     build_sub_batch,
 )
+from vllm_utio.integration.decode_kernel import install_for_all_steps
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.integration.select_attention import QueryAwareSelector
 from vllm_utio.integration.self_draft import SelfDrafter
@@ -96,6 +97,7 @@ class UtioRunnerMixin:
         self._utio_estimate_warned = False
         self._utio_selector: QueryAwareSelector | None = None  # policy 'select'
         self._utio_drafter: SelfDrafter | None = None  # 'speculate'
+        self._utio_decode_kernel = False  # decode_kernel 'utio' installed
         # while drafting: the draft plan's policy and the draft batch's request ids
         self._utio_policy_override: AttentionPolicy | None = None
         self._utio_draft_req_ids: list[str] | None = None
@@ -172,6 +174,10 @@ class UtioRunnerMixin:
                 f"model has {len(self.kv_cache_config.kv_cache_groups)}"
             )
         self._utio_recorder.install(self.attn_groups)
+        if self.utio_cfg.decode_kernel == "utio" and self._utio_executor is not None:
+            self._utio_decode_kernel = install_for_all_steps(
+                self._utio_executor.stack, self._utio_count_decode_kernel
+            )
         first = self.utio_cfg.first_select_layer()
         if first is not None and self._utio_executor is not None:
             self._utio_selector = QueryAwareSelector(
@@ -182,6 +188,9 @@ class UtioRunnerMixin:
             )
             selects = [p for _, p in self.utio_cfg.policies() if p.policy == "select"]
             self._utio_selector.install(first, selects)
+
+    def _utio_count_decode_kernel(self) -> None:
+        self.utio_stats.decode_kernel_calls += 1
 
     def _utio_execution(self) -> str:
         mode = self.utio_cfg.execution

@@ -14,6 +14,9 @@ per layer from that layer's own query (the spec is :mod:`vllm_utio.kv_selection`
   block table swapped. With ``select_every`` N only every N-th layer chooses; the layers
   between get the last choosing layer's metadata as it is (one block table serves every
   layer's cache).
+- Where every row of the running sub-batch is a select row whose policy keeps ``kernel``
+  'utio', each of its attention calls (restricted layers and dense ones) runs UTIO's own
+  decode kernel (:mod:`vllm_utio.integration.decode_kernel`) instead of vLLM's.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from vllm_utio.config import AttentionPolicy
 from vllm_utio.integration.attention import with_block_table
+from vllm_utio.integration.decode_kernel import DecodeKernel
 from vllm_utio.integration.model_stack import (
     DecoderStack,
     UnsupportedModelError,
@@ -118,6 +122,7 @@ class QueryAwareSelector:
         self._stats = stats
         self.summaries: BlockSummaries | None = None  # scoring 'bound'
         self._sparq: SparqScorer | None = None  # scoring 'sparq'
+        self._kernel: DecodeKernel | None = None  # UTIO's decode kernel (policies' 'kernel')
         self.held = HeldBlocks(stack.num_layers, -(-max_model_len // block_size))
         self._layer_of: dict[str, int] = {}
         self._first_layer = 0
@@ -158,6 +163,8 @@ class QueryAwareSelector:
         sparq = [p.sparq_channels for p in policies if p.scoring == "sparq"]
         if sparq:
             self._sparq = SparqScorer(attn0, max(sparq))
+        if any(p.kernel == "utio" for p in policies):
+            self._kernel = DecodeKernel.for_layer(attn0)
         self._first_layer = first_layer
         wrapped: set[int] = set()
         for index, layer in enumerate(self.stack.layers):
@@ -166,7 +173,7 @@ class QueryAwareSelector:
             if id(attn.impl) not in wrapped:  # an impl shared by layers is wrapped once
                 wrapped.add(id(attn.impl))
                 attn.impl.do_kv_cache_update = self._folding(attn.impl.do_kv_cache_update)
-                attn.impl.forward = self._selecting(attn.impl.forward)
+                attn.impl.forward = self._selecting(attn.impl, attn.impl.forward)
 
     def _folding(self, write: Callable[..., Any]) -> Callable[..., Any]:
         def do_kv_cache_update(layer, key, value, kv_cache, slot_mapping, *args, **kwargs):
@@ -233,20 +240,39 @@ class QueryAwareSelector:
                 self.held.store(req_ids, cur.held)
 
     # --- the attention call ---------------------------------------------------------
-    def _selecting(self, forward: Callable[..., Any]) -> Callable[..., Any]:
+    def _selecting(self, impl: Any, forward: Callable[..., Any]) -> Callable[..., Any]:
         def select_then_attend(layer, query, key, value, kv_cache, attn_metadata, *a, **kw):
             cur = self._current
             index = self._layer_of.get(getattr(layer, "layer_name", ""), -1)
-            if cur is not None and attn_metadata is not None and index >= self._first_layer:
+            if cur is None or attn_metadata is None:
+                return forward(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
+            if index >= self._first_layer:
                 t0 = time.perf_counter()
                 flat = query.reshape(query.shape[0], -1)
                 restricted = self._layer_metadata(index, flat, kv_cache, cur)
+                self._stats().select_s += time.perf_counter() - t0
                 if restricted is not None:
                     attn_metadata = restricted
-                self._stats().select_s += time.perf_counter() - t0
+            # a sub-batch of select rows only: its dense layers too (they read whole tables)
+            output = kw.get("output", a[0] if a else None)
+            if output is not None and self._own_kernel(cur, attn_metadata):
+                self._stats().select_kernel_calls += 1
+                return self._kernel.attend(impl, query, kv_cache, attn_metadata, output)
             return forward(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
 
         return select_then_attend
+
+    def _own_kernel(self, cur: _Current, metadata: Any) -> bool:
+        """Whether UTIO's decode kernel attends this sub-batch at a layer (restricted or
+        not): it is built, takes the metadata (one query token per row: select rows are
+        decode rows), every row is a select row (a dense or opted-out row keeps vLLM's
+        kernel, so its tokens stay vanilla's) and no select policy asks for vLLM's."""
+        return (
+            self._kernel is not None
+            and len(cur.local) == cur.common.num_reqs
+            and all(rule.kernel == "utio" for rule in cur.rules)
+            and self._kernel.fits(metadata)
+        )
 
     def _rows_at(self, index: int, cur: _Current) -> _Rows | None:
         """The select rows restricted at layer ``index`` (None: none), with everything

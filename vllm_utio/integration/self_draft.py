@@ -176,7 +176,7 @@ class SelfDrafter:
                     spec.row_cost_tokens,
                     spec.tokens,
                     spec.min_gain,
-                    spec.verify_token_cost,
+                    spec.token_cost(self.runner.utio_cfg.decode_kernel),
                 )
             counts[row] = max(0, min(k, room))
             if counts[row] == 0:
