@@ -10,8 +10,8 @@ backend's 'vec' block layout (learned through the backend's own cache write, not
 assumed), a bf16/fp16 cache, head size 64 or 128, no sliding window, soft cap, ALiBi or
 attention sinks, causal metadata whose rows fit.
 
-Two users: select's restricted layers (:mod:`select_attention`, per policy ``kernel``)
-and, with ``decode_kernel: "utio"``, every fitting attention call of the engine
+Two users: sub-batches of select rows only, at every layer (:mod:`select_attention`, per
+policy ``kernel``), and, with ``decode_kernel: "utio"``, every fitting attention call
 (:func:`route_short_queries`: decode, drafts and verification alike, so the drafts and
 the model verifying them are one model).
 """
