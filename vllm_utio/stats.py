@@ -35,7 +35,8 @@ class UtioStats:
     # select policy: layers (of a sub-batch, per step) that chose blocks afresh; the
     # layers between choices ('select_every') reuse the last choice and are not counted
     select_choices: int = 0
-    # select policy: attention calls of restricted layers run by UTIO's own decode kernel
+    # select policy: attention calls of select-only sub-batches (every layer) that UTIO's
+    # own decode kernel ran
     select_kernel_calls: int = 0
     # decode_kernel 'utio': attention calls UTIO's decode kernel ran (select's not counted)
     decode_kernel_calls: int = 0

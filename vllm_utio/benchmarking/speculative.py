@@ -66,7 +66,7 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "spec": None,
         },
         # drafts and verification through UTIO's decode kernel (its default verification
-        # cost, 0.2 of a plain step per draft token, lets the adaptive rule draft)
+        # cost, 0.2 of a plain step per draft token, is what the adaptive rule charges)
         "spec-throttle-utio-kernel": {
             "utio": utio({"attention": lp.POLICIES["throttle"]}, kernel="utio"),
             "spec": None,

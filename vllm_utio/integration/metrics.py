@@ -150,7 +150,7 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
     (
         "utio_select_kernel_calls",
         "select_kernel_calls",
-        "Restricted attention calls of policy 'select' run by UTIO's own decode kernel.",
+        "Attention calls of sub-batches of 'select' rows run by UTIO's own decode kernel.",
     ),
     (
         "utio_decode_kernel_calls",
