@@ -137,8 +137,13 @@ def run_cell(llm: Any, prompts: list[Any], output_len: int, logprobs: bool = Fal
         **{k: after[k] - before[k] for k in SPEC_COUNTERS},
     }
     if logprobs:
-        sample["top2_gap"] = [[_gap(step) for step in (o.outputs[0].logprobs or [])] for o in outs]
+        sample["top2_gap"] = top2_gaps(outs)
     return sample
+
+
+def top2_gaps(outs: list[Any]) -> list[list[float]]:
+    """Per output and step, the gap between the top-2 logprobs (outputs with logprobs=2)."""
+    return [[_gap(step) for step in (o.outputs[0].logprobs or [])] for o in outs]
 
 
 def _gap(step: dict[int, Any]) -> float:

@@ -102,6 +102,12 @@ class DecodeKernel:
         return output
 
 
+def output_arg(args: tuple, kwargs: dict) -> Any:
+    """The ``output`` argument of an attention impl's ``forward`` after ``attn_metadata``
+    (positional or by name), or None."""
+    return kwargs.get("output", args[0] if args else None)
+
+
 def install_for_all_steps(stack: Any, counted: Callable[[], None]) -> bool:
     """``decode_kernel: "utio"``: every fitting attention call of ``stack``'s
     layers goes to UTIO's kernel; False (logged) where the kernel cannot run here."""
@@ -129,7 +135,7 @@ def route_short_queries(
 
         def attend(layer, query, key, value, kv_cache, attn_metadata, *a, _impl=impl,
                    _forward=forward, **kw):  # fmt: skip
-            output = kw.get("output", a[0] if a else None)
+            output = output_arg(a, kw)
             if attn_metadata is not None and output is not None and kernel.fits(attn_metadata):
                 counted()
                 return kernel.attend(_impl, query, kv_cache, attn_metadata, output)

@@ -32,7 +32,7 @@ import torch
 
 from vllm_utio.config import AttentionPolicy
 from vllm_utio.integration.attention import with_block_table
-from vllm_utio.integration.decode_kernel import DecodeKernel
+from vllm_utio.integration.decode_kernel import DecodeKernel, output_arg
 from vllm_utio.integration.model_stack import (
     DecoderStack,
     UnsupportedModelError,
@@ -254,7 +254,7 @@ class QueryAwareSelector:
                 if restricted is not None:
                     attn_metadata = restricted
             # a sub-batch of select rows only: its dense layers too (they read whole tables)
-            output = kw.get("output", a[0] if a else None)
+            output = output_arg(a, kw)
             if output is not None and self._own_kernel(cur, attn_metadata):
                 self._stats().select_kernel_calls += 1
                 return self._kernel.attend(impl, query, kv_cache, attn_metadata, output)
