@@ -192,7 +192,11 @@ class SelfDrafter:
         cm = self._common_metadata(rows, positions)
         attn_metadata = _build(runner, cm)
         slots = {name: cm.slot_mapping for name in attn_metadata}
-        positions_t = torch.from_numpy(positions)
+        positions_t = torch.from_numpy(positions).to(runner.positions.dtype)
+        # vLLM's compiled model drops dynamo's guards: it was traced with the runner's own
+        # int32 token buffer and reads whatever it is given as that dtype (int64 ids read
+        # as int32 gave every row after the first token id 0)
+        tokens = tokens.to(runner.input_ids.gpu.dtype)
         req_ids = [runner.input_batch.req_ids[r] for r in rows.tolist()]
         with (
             set_forward_context(
