@@ -196,6 +196,36 @@ def test_full_model_draft_is_accepted_in_a_batch():
         shutdown(llm)
 
 
+def test_preemption_mid_speculation_is_lossless(vanilla_llm):
+    """A KV cache too small for the batch: the scheduler preempts requests that hold
+    drafts (their blocks, draft K/V included, are freed) and recomputes them later.
+    Outputs stay vanilla's, speculation goes on after the recompute, and no per-request
+    state is left behind."""
+    from conftest import NUM_LAYERS
+
+    # ~10 blocks of 128 tokens for 6 requests of ~3 blocks each
+    block_bytes = 128 * NUM_LAYERS * 2 * 3 * 64 * 2
+    cfg = _spec({"attention": THROTTLE, "bucket": "shallow"}, adaptive=False)
+    llm = make_llm(
+        cfg, kv_cache_memory_bytes=10 * block_bytes, max_model_len=512, disable_log_stats=False
+    )
+    try:
+        prompts = [
+            " ".join([f"Item {i}: a short note about the weather in spring."] * 20)
+            for i in range(6)
+        ]
+        _stats(llm)
+        got = _greedy(llm, prompts, 150)
+        stats = _settled_stats(llm)
+        metrics = {m.name: m for m in llm.get_metrics()}
+    finally:
+        shutdown(llm)
+    assert metrics["vllm:num_preemptions"].value > 0, "the test did not provoke preemption"
+    assert stats["spec_verifications"] > 0 and stats["spec_accepted_tokens"] > 0
+    assert stats["request_state_entries"] == 0
+    _assert_identical(got, _greedy(vanilla_llm, prompts, 150))
+
+
 def test_select_draft_adaptive_is_lossless(vanilla_llm):
     """Query-aware selection as the draft, adaptive draft counts; and the opt-out."""
     from vllm import SamplingParams

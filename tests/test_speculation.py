@@ -120,3 +120,17 @@ def test_speculate_control_values():
         validate_request_controls({"utio_speculate": "maybe"}, cfg)
     with pytest.raises(RequestControlError, match="must be a string"):
         validate_request_controls({"utio_speculate": False}, cfg)
+
+
+def test_identity_counts_one_bf16_step_as_a_near_tie():
+    from vllm_utio.benchmarking.speculative import identity, reclassify
+
+    ref = {"tokens": [[1, 2, 3], [1, 2, 3], [1, 2, 3]], "top2_gap": [[0.0, 0.125, 0.0]] * 2}
+    ref["top2_gap"].append([0.0, 0.25, 0.0])
+    got = identity([[1, 2, 3], [1, 9, 3], [1, 9, 3]], ref)
+    assert got["identical"] == 1
+    assert [e["prompt"] for e in got["near_ties"]] == [1]  # 0.125: one bf16 step
+    assert [e["prompt"] for e in got["mismatches"]] == [2]  # 0.25: two steps
+    # an earlier run split at 0.1 is re-split under the current rule
+    old = {**got, "near_ties": [], "mismatches": got["near_ties"] + got["mismatches"]}
+    assert reclassify(old) == got
