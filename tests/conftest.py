@@ -19,6 +19,9 @@ from vllm_utio.paths import default_model_dir
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 
 NUM_LAYERS = 30
+# bytes of one 128-token KV block of the default model (K and V, 3 KV heads of 64, bf16):
+# tests that need a tiny cache size it in blocks
+KV_BLOCK_BYTES = 128 * NUM_LAYERS * 2 * 3 * 64 * 2
 # Nested buckets of the test engines: "shallow" skips layers 12..19, "mid" 14..17.
 BUCKETS = [
     {"name": "shallow", "max_score": 0.3, "keep_first": 12, "keep_last": 10},

@@ -4,7 +4,7 @@ chunked prefill mixed with decodes, preemption and aborted requests."""
 from __future__ import annotations
 
 import pytest
-from conftest import BUCKETS, NUM_LAYERS, make_llm, shutdown
+from conftest import BUCKETS, KV_BLOCK_BYTES, NUM_LAYERS, make_llm, shutdown
 from prompts import PROMPTS
 from test_engine_foundation import MAX_TOKENS, greedy
 
@@ -109,10 +109,9 @@ def test_aborted_requests_and_continuing_batch(forced_llm):
 def test_preemption_with_tiny_kv_cache():
     # ~10 KV blocks of 128 tokens for 6 requests of ~3 blocks each: the scheduler must
     # preempt and recompute; routed requests must still finish correctly.
-    block_bytes = 128 * NUM_LAYERS * 2 * 3 * 64 * 2
     llm = make_llm(
         {"enabled": True, "router": "forced", "buckets": BUCKETS},
-        kv_cache_memory_bytes=10 * block_bytes,
+        kv_cache_memory_bytes=10 * KV_BLOCK_BYTES,
         max_model_len=512,
         disable_log_stats=False,
     )

@@ -13,7 +13,7 @@ import math
 from collections import Counter
 
 import pytest
-from conftest import BUCKETS, make_llm, model_path, shutdown
+from conftest import BUCKETS, KV_BLOCK_BYTES, make_llm, model_path, shutdown
 from kv_check import kv_relative_errors, run_until
 
 pytestmark = pytest.mark.engine
@@ -201,13 +201,10 @@ def test_preemption_mid_speculation_is_lossless(vanilla_llm):
     drafts (their blocks, draft K/V included, are freed) and recomputes them later.
     Outputs stay vanilla's, speculation goes on after the recompute, and no per-request
     state is left behind."""
-    from conftest import NUM_LAYERS
-
     # ~10 blocks of 128 tokens for 6 requests of ~3 blocks each
-    block_bytes = 128 * NUM_LAYERS * 2 * 3 * 64 * 2
     cfg = _spec({"attention": THROTTLE, "bucket": "shallow"}, adaptive=False)
     llm = make_llm(
-        cfg, kv_cache_memory_bytes=10 * block_bytes, max_model_len=512, disable_log_stats=False
+        cfg, kv_cache_memory_bytes=10 * KV_BLOCK_BYTES, max_model_len=512, disable_log_stats=False
     )
     try:
         prompts = [
