@@ -210,6 +210,13 @@ def test_vslash_config_errors():
     assert "select_every only apply to policy 'select'" in err(
         {"policy": "throttle", "select_every": 2}
     )
+    msg = err({"policy": "select", "select_every_steps": 2})
+    assert "select_every_steps only applies to scoring 'sparq'" in msg
+    msg = err({"policy": "select", "scoring": "sparq", "select_every_steps": 4, "hold_steps": 2})
+    assert "set one of them" in msg and "not both" in msg
+    assert "'attention_all.select_every_steps': value 0" in err(
+        {"policy": "select", "scoring": "sparq", "select_every_steps": 0}
+    )
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg

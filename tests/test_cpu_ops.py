@@ -133,3 +133,67 @@ def test_sparq_restrict_equals_select_then_restrict(dtype: torch.dtype, table_dt
         assert torch.equal(out[dst, n:], before[dst, n:])
     untouched = [i for i in range(len(out)) if i not in out_rows.tolist()]
     assert torch.equal(out[untouched], before[untouched])
+
+
+def test_sparq_restrict_steps_equals_the_spec_over_steps():
+    """``select_every_steps``: over consecutive decode steps at one layer, the op's choice
+    (rows on their turn, or with no or a stale last choice) equals ``select_blocks`` on
+    the op's masses, and a reusing row reads ``reused_blocks`` of its stamps; the stamps
+    it leaves equal the spec's, and only choosing rows change them."""
+    from vllm_utio.cpu_ops import load
+    from vllm_utio.kv_selection import (
+        SelectRule,
+        budget_blocks,
+        chooses_now,
+        last_choice,
+        restrict_rows,
+        reused_blocks,
+        select_blocks,
+    )
+
+    op = load()
+    every, layer = 3, 5
+    # grown by one position per step below; the longest crosses a block boundary
+    start_lens = torch.tensor([BS - 3, 9 * BS + 7, 25 * BS - 2, 18 * BS + 1])
+    cache, strides, table, _ = _paged(start_lens + 8, torch.bfloat16, "token-inner", seed=6)
+    scale, sink_tokens, recent, budget = D**-0.5, 2 * BS, 3 * BS - 5, 8 * BS
+    rule = SelectRule(sink_tokens // BS, recent, budget)
+    stamps = torch.full((len(start_lens), table.shape[1]), -(2**30), dtype=torch.int32)
+    stamps[3, :4] = 10**6  # a choice from a longer sequence (rejected speculation): ignored
+    chose_steps = []
+    for step in range(7):
+        lens = start_lens + step
+        gen = torch.Generator().manual_seed(10 + step)
+        query = torch.randn(len(lens), 3 * G, D, generator=gen) * 3
+        mass = op.sparq_block_mass(
+            query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale
+        )
+        last = last_choice(stamps, lens, BS)
+        choose = chooses_now(last, lens, layer, every)
+        fresh, _ = select_blocks(mass, lens, BS, rule)
+        kept = torch.where(
+            choose.reshape(-1, 1), fresh, reused_blocks(stamps, last, lens, BS, rule)
+        )
+        want_rows, want_lens = restrict_rows(table, lens, kept, BS)
+        want_stamps = stamps.clone()
+        want_stamps[:, : kept.shape[1]][choose.reshape(-1, 1) & kept] = lens.repeat_interleave(
+            kept.sum(1) * choose
+        ).to(torch.int32)
+        out = torch.zeros(len(lens), table.shape[1], dtype=torch.int32)
+        got_lens, got_chose = op.sparq_restrict_steps(
+            query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale,
+            sink_tokens // BS, recent, budget_blocks(budget, BS), out,
+            torch.arange(len(lens)), stamps, every, layer,
+        )  # fmt: skip
+        assert torch.equal(got_chose, choose), step
+        assert torch.equal(got_lens, want_lens), step
+        for r, n in enumerate(((lens + BS - 1) // BS).tolist()):
+            assert torch.equal(out[r, :n], want_rows[r, :n].to(torch.int32)), (step, r)
+        assert torch.equal(stamps, want_stamps), step
+        chose_steps.append(choose.tolist())
+    # every row chose on its first step; a row over its budget then chose once in
+    # `every` steps (the first row fits its budget: its choice is everything, every step)
+    assert all(chose_steps[0])
+    for r in (1, 2, 3):
+        assert sum(steps[r] for steps in chose_steps) in (3, 4), r
+    assert not all(chose_steps[1]) and not all(chose_steps[2])

@@ -8,7 +8,8 @@ attention: ``wide`` (select with a budget larger than any context here), ``narro
 ``held`` (``narrow`` holding ranked blocks for 4 more steps), ``sparq`` (``narrow``
 ranking blocks by SparQ's approximate per-key scores instead of block bounds) and
 ``sparq_every7`` (``sparq`` choosing at every 7th layer only); ``sparq_vllm``
-(``sparq`` through vLLM's attention kernel instead of UTIO's own).
+(``sparq`` through vLLM's attention kernel instead of UTIO's own); ``sparq_steps4``
+(``sparq`` choosing at a layer every 4th decode step only).
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ BUCKETS = [
         "max_score": 0.98,
         "keep_first": NUM_LAYERS,
         "attention": {**NARROW, "scoring": "sparq", "kernel": "vllm"},
+    },
+    {
+        "name": "sparq_steps4",
+        "max_score": 0.99,
+        "keep_first": NUM_LAYERS,
+        "attention": {**NARROW, "scoring": "sparq", "select_every_steps": 4},
     },
 ]
 MAX_TOKENS = 24
@@ -183,6 +190,33 @@ def test_select_every_reuses_a_layers_choice_in_the_layers_after_it(select_llm, 
     # (a layer between choices that read everything would read more)
     assert every["kv_tokens_read"] == each["kv_tokens_read"] < each["kv_tokens_dense"]
     assert len(every_out) == 2 and all(len(o) == MAX_TOKENS for o in every_out)
+
+
+def test_select_every_steps_reuses_a_layers_last_choice(select_llm, prompts):
+    runs = {}
+    for name in ("sparq", "sparq_steps4"):
+        _stats(select_llm)
+        out = _greedy(select_llm, prompts, [{"utio_bucket": name}] * 2, salt=f"steps-{name}")
+        runs[name] = out, _stats(select_llm)
+    (steps_out, steps), (each_out, each) = runs["sparq_steps4"], runs["sparq"]
+    # 2 rows x 28 selecting layers x 23 decode steps; every layer chooses at a row's first
+    # decode step, then on its turn once in 4 steps: about 3/4 of the row-layers reuse
+    row_layers = 2 * (NUM_LAYERS - 2) * (MAX_TOKENS - 1)
+    assert each["select_rows_reused"] == 0
+    assert 0.6 * row_layers <= steps["select_rows_reused"] <= 0.8 * row_layers, steps
+    # a reused choice reads the blocks it kept plus the recent window's newest block: no
+    # fewer positions than a fresh choice, at most one block more
+    extra = BS * steps["select_rows_reused"] / NUM_LAYERS
+    assert each["kv_tokens_read"] <= steps["kv_tokens_read"] <= each["kv_tokens_read"] + extra
+    assert steps["kv_tokens_read"] < steps["kv_tokens_dense"]
+    # reusing a layer's choice from up to 3 steps back mostly picks what it would pick now
+    same = sum(
+        a == b for o, e in zip(steps_out, each_out, strict=True) for a, b in zip(o, e, strict=True)
+    )
+    assert same >= MAX_TOKENS, (steps_out, each_out)
+    # the per-request state ends with the request (the worker hears on the next step)
+    _greedy(select_llm, [prompts[1][:64]], [None], max_tokens=1)
+    assert _stats(select_llm)["request_state_entries"] == 0
 
 
 def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm, prompts):

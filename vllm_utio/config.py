@@ -89,6 +89,16 @@ class AttentionPolicy(_Strict):
         "layers attend to much the same positions, as in TidalDecode), so choosing costs "
         "1/select_every as much. 1: every layer chooses from its own query.",
     )
+    select_every_steps: int = Field(
+        default=1,
+        ge=1,
+        description="select with scoring 'sparq': a row chooses afresh at a layer only every "
+        "this many of its decode steps (staggered over the layers, so each step about "
+        "1/select_every_steps of them choose); between, the layer reads the blocks of its own "
+        "last choice plus the current sinks and recent window (at most one block over the "
+        "budget). Consecutive queries of a layer attend to much the same blocks, so "
+        "choosing costs 1/select_every_steps as much. 1: every step chooses.",
+    )
     top_p: float | None = Field(
         default=None,
         gt=0.0,
@@ -146,6 +156,7 @@ class AttentionPolicy(_Strict):
                 "budget_tokens",
                 "dense_layers",
                 "select_every",
+                "select_every_steps",
                 "top_p",
                 "hold_steps",
                 "heads",
@@ -174,6 +185,16 @@ class AttentionPolicy(_Strict):
                     f"{' and '.join(bound_only)} only {verb} to scoring 'bound', not 'sparq' "
                     f"(sparq ranks blocks by each head's own attention share); remove {them}"
                 )
+            if self.select_every_steps > 1 and self.hold_steps:
+                raise ValueError(
+                    "select_every_steps and hold_steps both keep earlier steps' blocks; "
+                    "set one of them (select_every_steps > 1 or hold_steps > 0), not both"
+                )
+        elif self.select_every_steps > 1:
+            raise ValueError(
+                "select_every_steps only applies to scoring 'sparq' (its op keeps each "
+                "layer's last choice); set scoring='sparq' or select_every_steps=1"
+            )
         elif "sparq_channels" in self.model_fields_set:
             raise ValueError("sparq_channels only applies to scoring 'sparq'; set scoring='sparq'")
         return self

@@ -372,6 +372,53 @@ def held_mask(last: torch.Tensor, seq_lens: torch.Tensor, hold_steps: int) -> to
     return last >= (seq_lens.to(last.dtype).reshape(-1, 1) - hold_steps)
 
 
+def _blocks_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[R, NB]`` mask of each row's logical blocks (NB: the longest row's)."""
+    num_blocks = (seq_lens.to(torch.long) + block_size - 1) // block_size
+    width = int(num_blocks.max()) if len(seq_lens) else 0
+    return torch.arange(width).reshape(1, -1) < num_blocks.reshape(-1, 1)
+
+
+def last_choice(stamps: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``[R]``: the length at which each row last chose at a layer. ``stamps``
+    ``[R, >= NB]``: per logical block, the row's length when a choice last kept it (see
+    ``select_every_steps``). Stamps past a row's blocks, or past its length (a choice made
+    on speculative tokens that were rejected), are ignored."""
+    valid = _blocks_of(seq_lens, block_size)
+    stamps = stamps[:, : valid.shape[1]]
+    valid &= stamps <= seq_lens.to(stamps.dtype).reshape(-1, 1)
+    return stamps.masked_fill(~valid, torch.iinfo(stamps.dtype).min).amax(1)
+
+
+def chooses_now(
+    last: torch.Tensor, seq_lens: torch.Tensor, layer: int, every_steps: int
+) -> torch.Tensor:
+    """``[R]``: rows that choose afresh at ``layer`` this step; the others read their
+    last choice again. A row chooses when its length, offset by the layer, is a multiple
+    of ``every_steps`` (so about 1/every_steps of the layers choose at each step, rather
+    than all of them at one step in every_steps), and whenever its last choice is that
+    old or absent."""
+    seq = seq_lens.to(torch.long)
+    stale = seq - last.to(torch.long) >= every_steps
+    return (seq > 0) & (stale | ((seq + layer) % every_steps == 0))
+
+
+def reused_blocks(
+    stamps: torch.Tensor,
+    last: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_size: int,
+    rule: SelectRule,
+) -> torch.Tensor:
+    """``[R, NB]`` blocks a reusing row reads: those its last choice kept (stamped with
+    ``last``) and today's sinks and recent window (which may have moved on by one block
+    since, so a row reads at most one block over its budget)."""
+    valid = _blocks_of(seq_lens, block_size)
+    width = valid.shape[1]
+    chosen = stamps[:, :width] == last.reshape(-1, 1).to(stamps.dtype)
+    return (always_kept(seq_lens, block_size, rule) | chosen) & valid
+
+
 def restrict_rows(
     block_table: torch.Tensor, seq_lens: torch.Tensor, kept: torch.Tensor, block_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

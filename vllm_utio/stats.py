@@ -35,6 +35,9 @@ class UtioStats:
     # select policy: layers (of a sub-batch, per step) that chose blocks afresh; the
     # layers between choices ('select_every') reuse the last choice and are not counted
     select_choices: int = 0
+    # select policy, 'select_every_steps': rows (per choosing layer and step) that read
+    # their last choice at that layer again instead of choosing
+    select_rows_reused: int = 0
     # select policy: attention calls of select-only sub-batches (every layer) that UTIO's
     # own decode kernel ran
     select_kernel_calls: int = 0

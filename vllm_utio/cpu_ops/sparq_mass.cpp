@@ -17,6 +17,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -188,23 +189,29 @@ torch::Tensor sparq_block_mass(torch::Tensor query, torch::Tensor cache, int64_t
 
 namespace {
 
-// One row's kept blocks (spec: kv_selection.select_blocks then restrict_rows, without
-// top_p or held blocks): the sinks, the blocks of the recent window, then the blocks of
-// largest mass until `budget_blocks` are kept; written in logical order to `dst`, the
-// others after them (as restrict_rows leaves them). Returns the restricted length.
-template <typename id_t>
-int64_t keep_row(const float* mass, const int64_t* src, id_t* dst, int64_t len,
-                 int64_t block_size, int64_t sink_blocks, int64_t recent_tokens,
-                 int64_t budget_blocks, std::vector<uint8_t>& kept, std::vector<int64_t>& cand) {
-  const int64_t nb = (len + block_size - 1) / block_size;
-  const int64_t last_len = len - block_size * (nb - 1);
-  const int64_t recent =
-      1 + std::max<int64_t>(0, (recent_tokens - last_len + block_size - 1) / block_size);
-  kept.assign(nb, 0);
+// The blocks of a row of `len` positions: count, the tokens of its last one, and where
+// its recent window (the blocks holding the last `recent_tokens` positions) starts.
+struct RowBlocks {
+  int64_t nb, last_len, recent_from;
+  RowBlocks(int64_t len, int64_t block_size, int64_t recent_tokens) {
+    nb = (len + block_size - 1) / block_size;
+    last_len = len - block_size * (nb - 1);
+    recent_from =
+        nb - 1 - std::max<int64_t>(0, (recent_tokens - last_len + block_size - 1) / block_size);
+  }
+};
+
+// One row's choice (spec: kv_selection.select_blocks without top_p or held blocks): the
+// sinks, the blocks of the recent window, then the blocks of largest mass until
+// `budget_blocks` are kept. Fills `kept` [nb].
+inline void choose_row(const float* mass, const RowBlocks& b, int64_t sink_blocks,
+                       int64_t budget_blocks, std::vector<uint8_t>& kept,
+                       std::vector<int64_t>& cand) {
+  kept.assign(b.nb, 0);
   int64_t count = 0;
   cand.clear();
-  for (int64_t n = 0; n < nb; ++n) {
-    if (n < sink_blocks || n >= nb - recent) {
+  for (int64_t n = 0; n < b.nb; ++n) {
+    if (n < sink_blocks || n >= b.recent_from) {
       kept[n] = 1;
       ++count;
     } else {
@@ -219,10 +226,28 @@ int64_t keep_row(const float* mass, const int64_t* src, id_t* dst, int64_t len,
   };
   std::nth_element(cand.begin(), cand.begin() + extra, cand.end(), better);
   for (int64_t i = 0; i < extra; ++i) kept[cand[i]] = 1;
-  count += extra;
+}
+
+// A row's restricted table row (spec: kv_selection.restrict_rows): the kept blocks in
+// logical order, the others after them. Returns the restricted length.
+template <typename id_t>
+int64_t write_row(const std::vector<uint8_t>& kept, const RowBlocks& b, const int64_t* src,
+                  id_t* dst, int64_t block_size) {
+  int64_t count = 0;
+  for (int64_t n = 0; n < b.nb; ++n) count += kept[n];
   int64_t front = 0, back = count;
-  for (int64_t n = 0; n < nb; ++n) dst[kept[n] ? front++ : back++] = static_cast<id_t>(src[n]);
-  return block_size * (count - 1) + last_len;
+  for (int64_t n = 0; n < b.nb; ++n) dst[kept[n] ? front++ : back++] = static_cast<id_t>(src[n]);
+  return block_size * (count - 1) + b.last_len;
+}
+
+void check_out(const torch::Tensor& query, const torch::Tensor& out_table,
+               const torch::Tensor& out_rows, int64_t budget_blocks) {
+  TORCH_CHECK(out_table.dim() == 2 && out_table.is_contiguous() && out_table.device().is_cpu(),
+              "out_table: a contiguous CPU [B, W] tensor");
+  TORCH_CHECK(out_rows.dim() == 1 && out_rows.scalar_type() == torch::kInt64 &&
+                  out_rows.size(0) == query.size(0),
+              "out_rows [R] int64");
+  TORCH_CHECK(budget_blocks >= 1, "budget_blocks must be >= 1");
 }
 
 }  // namespace
@@ -236,12 +261,7 @@ torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t b
                              int64_t block_size, int64_t channels, double scale,
                              int64_t sink_blocks, int64_t recent_tokens, int64_t budget_blocks,
                              torch::Tensor out_table, torch::Tensor out_rows) {
-  TORCH_CHECK(out_table.dim() == 2 && out_table.is_contiguous() && out_table.device().is_cpu(),
-              "out_table: a contiguous CPU [B, W] tensor");
-  TORCH_CHECK(out_rows.dim() == 1 && out_rows.scalar_type() == torch::kInt64 &&
-                  out_rows.size(0) == query.size(0),
-              "out_rows [R] int64");
-  TORCH_CHECK(budget_blocks >= 1, "budget_blocks must be >= 1");
+  check_out(query, out_table, out_rows, budget_blocks);
   const auto mass = sparq_block_mass(query, cache, block_stride, start, s_tok, s_head, s_chan,
                                      table, lens, kv_heads, block_size, channels, scale);
   table = table.contiguous();
@@ -265,10 +285,96 @@ torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t b
         nl[r] = ln[r];
         continue;
       }
-      index_t* row = dst + dst_rows[r] * out_table.size(1);
-      nl[r] = keep_row(m + r * width, tb + r * table.size(1), row, ln[r], block_size,
-                       sink_blocks, recent_tokens, budget_blocks, kept, cand);
+      const RowBlocks b(ln[r], block_size, recent_tokens);
+      choose_row(m + r * width, b, sink_blocks, budget_blocks, kept, cand);
+      nl[r] = write_row(kept, b, tb + r * table.size(1), dst + dst_rows[r] * out_table.size(1),
+                        block_size);
     }
   });
   return new_lens;
+}
+
+// sparq_restrict where a row chooses afresh only every `every_steps` of its decode steps
+// at this layer (spec: kv_selection.chooses_now and reused_blocks). `stamps` [R, >= W]
+// int32 (rows may be strided) holds, per logical block, the row's length when a choice
+// last kept it; a choosing row stamps its kept blocks, a reusing row keeps the blocks of
+// its last choice plus today's sinks and recent window. Only choosing rows are scored.
+// Returns the restricted lengths and which rows chose.
+std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
+    torch::Tensor query, torch::Tensor cache, int64_t block_stride, int64_t start,
+    int64_t s_tok, int64_t s_head, int64_t s_chan, torch::Tensor table, torch::Tensor lens,
+    int64_t kv_heads, int64_t block_size, int64_t channels, double scale, int64_t sink_blocks,
+    int64_t recent_tokens, int64_t budget_blocks, torch::Tensor out_table,
+    torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer) {
+  check_out(query, out_table, out_rows, budget_blocks);
+  TORCH_CHECK(every_steps >= 1, "every_steps must be >= 1");
+  TORCH_CHECK(stamps.dim() == 2 && stamps.scalar_type() == torch::kInt32 &&
+                  stamps.stride(1) == 1 && stamps.size(0) == query.size(0),
+              "stamps [R, W] int32 with contiguous rows");
+  table = table.contiguous();
+  lens = lens.contiguous();
+  out_rows = out_rows.contiguous();
+  const int64_t rows = query.size(0);
+  const auto* tb = table.data_ptr<int64_t>();
+  const auto* ln = lens.data_ptr<int64_t>();
+  auto* st = stamps.data_ptr<int32_t>();
+  const int64_t st_row = stamps.stride(0);
+  auto chose = torch::zeros({rows}, torch::kBool);
+  auto* ch = chose.data_ptr<bool>();
+  std::vector<int32_t> last(rows);
+  std::vector<int64_t> picked;  // rows that choose now
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t nb = (ln[r] + block_size - 1) / block_size;
+    TORCH_CHECK(nb <= stamps.size(1), "stamps are narrower than a row's blocks");
+    int32_t top = std::numeric_limits<int32_t>::min();
+    const int64_t len = ln[r];
+    for (int64_t n = 0; n < nb; ++n) {
+      const int32_t stamp = st[r * st_row + n];
+      if (stamp <= len) top = std::max(top, stamp);  // later ones: rejected speculation
+    }
+    last[r] = top;
+    ch[r] = len > 0 && (len - top >= every_steps || (len + layer) % every_steps == 0);
+    if (ch[r]) picked.push_back(r);
+  }
+  torch::Tensor mass;
+  if (!picked.empty()) {
+    const auto idx = torch::tensor(picked, torch::kInt64);
+    mass = sparq_block_mass(query.index_select(0, idx), cache, block_stride, start, s_tok,
+                            s_head, s_chan, table.index_select(0, idx), lens.index_select(0, idx),
+                            kv_heads, block_size, channels, scale);
+    TORCH_CHECK(mass.size(1) <= out_table.size(1), "out_table is narrower than the rows' blocks");
+  }
+  auto new_lens = torch::empty({rows}, lens.options());
+  auto* nl = new_lens.data_ptr<int64_t>();
+  const auto* dst_rows = out_rows.data_ptr<int64_t>();
+  std::vector<uint8_t> kept;
+  std::vector<int64_t> cand;
+  AT_DISPATCH_INDEX_TYPES(out_table.scalar_type(), "sparq_restrict_steps", [&] {
+    auto* dst = out_table.data_ptr<index_t>();
+    int64_t p = 0;  // position among the choosing rows
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(dst_rows[r] >= 0 && dst_rows[r] < out_table.size(0), "out_rows out of range");
+      const int64_t len = ln[r];
+      if (len <= 0) {
+        nl[r] = len;
+        continue;
+      }
+      const RowBlocks b(len, block_size, recent_tokens);
+      TORCH_CHECK(b.nb <= out_table.size(1), "out_table is narrower than the rows' blocks");
+      int32_t* row_stamps = st + r * st_row;
+      if (ch[r]) {
+        choose_row(mass.data_ptr<float>() + p++ * mass.size(1), b, sink_blocks, budget_blocks,
+                   kept, cand);
+        for (int64_t n = 0; n < b.nb; ++n)
+          if (kept[n]) row_stamps[n] = static_cast<int32_t>(len);
+      } else {
+        kept.assign(b.nb, 0);
+        for (int64_t n = 0; n < b.nb; ++n)
+          kept[n] = n < sink_blocks || n >= b.recent_from || row_stamps[n] == last[r];
+      }
+      nl[r] = write_row(kept, b, tb + r * table.size(1), dst + dst_rows[r] * out_table.size(1),
+                        block_size);
+    }
+  });
+  return {new_lens, chose};
 }

@@ -61,6 +61,7 @@ def kernel_policy(policy: AttentionPolicy) -> Any | None:
         and policy.heads == "bound"
         and policy.top_p is None
         and policy.hold_steps == 0
+        and policy.select_every_steps == 1
     ):
         # one block set per row, as the CPU engine's 'select' (the spec) chooses
         return d.QueryAware(

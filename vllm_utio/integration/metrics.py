@@ -148,6 +148,12 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Layers that chose KV blocks afresh for policy 'select' (per sub-batch and step).",
     ),
     (
+        "utio_select_rows_reused",
+        "select_rows_reused",
+        "Rows whose layer read its last choice again for policy 'select' "
+        "(select_every_steps), per choosing layer and step.",
+    ),
+    (
         "utio_select_kernel_calls",
         "select_kernel_calls",
         "Attention calls of sub-batches of 'select' rows run by UTIO's own decode kernel.",

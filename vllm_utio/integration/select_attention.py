@@ -66,7 +66,8 @@ class _Current:
     common: Any  # its CommonAttentionMetadata
     local: list[int]
     rules: list[AttentionPolicy]
-    held: torch.Tensor | None = None  # [rows, L, max_blocks] HeldBlocks state, if any holds
+    # [rows, L, max_blocks] HeldBlocks state, if a rule holds blocks or reuses choices
+    held: torch.Tensor | None = None
     over: list[bool] | None = None  # per select row: more context than its budget buys
 
 
@@ -229,7 +230,7 @@ class QueryAwareSelector:
         rules = [self.policies[int(rows[i])] for i in local]
         req_ids = [self._req_ids[int(rows[i])] for i in local]
         cur = _Current(common, local, rules) if local else None
-        if cur is not None and any(rule.hold_steps for rule in rules):
+        if cur is not None and any(r.hold_steps or r.select_every_steps > 1 for r in rules):
             cur.held = self.held.rows(req_ids)
         self._current = cur
         try:
@@ -321,6 +322,13 @@ class QueryAwareSelector:
             and cm.block_table_tensor.device.type == "cpu"
             and all(p.scoring == "sparq" and not p.hold_steps for _, p, _ in groups),
         )
+        if not self._rows.fused and any(p.select_every_steps > 1 for _, p, _ in groups):
+            # only the op keeps each layer's last choice
+            raise UnsupportedModelError(
+                "UTIO select field 'select_every_steps' needs scoring 'sparq' over the CPU "
+                "backend's cache, and no other select policy with 'hold_steps' or scoring "
+                "'bound' in the same step; set select_every_steps=1"
+            )
         return self._rows
 
     def _layer_metadata(
@@ -344,7 +352,7 @@ class QueryAwareSelector:
         local, local_t = rows.local, rows.local_t
         full_table = cm.block_table_tensor.clone()
         if rows.fused:
-            new_lens = self._restrict_in_op(query, scale, kv_cache, rows, full_table)
+            new_lens = self._restrict_in_op(index, query, scale, kv_cache, rows, cur, full_table)
         else:
             kept = self._kept(index, query, scale, kv_cache, rows, cur)
             new_rows, new_lens = restrict_rows(rows.table, rows.seq_lens, kept, self.block_size)
@@ -379,26 +387,30 @@ class QueryAwareSelector:
 
     def _restrict_in_op(
         self,
+        index: int,
         query: torch.Tensor,
         scale: float,
         kv_cache: torch.Tensor,
         rows: _Rows,
+        cur: _Current,
         table_out: torch.Tensor,
     ) -> torch.Tensor:
         """The fused route: per policy group, the op scores, chooses and writes the rows'
-        restricted table rows into ``table_out``; returns their restricted lengths."""
+        restricted table rows into ``table_out``; returns their restricted lengths. Rows
+        of a ``select_every_steps`` policy choose only on their turn at this layer."""
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
         for mask, policy, plan in rows.groups:
-            new_lens[mask] = self._sparq.restrict(
-                query[mask],
-                kv_cache,
-                rows.table[mask],
-                plan.seq_lens,
-                policy,
-                scale,
-                table_out,
-                rows.local_t[mask],
+            args = (query[mask], kv_cache, rows.table[mask], plan.seq_lens, policy, scale)
+            if policy.select_every_steps == 1:
+                new_lens[mask] = self._sparq.restrict(*args, table_out, rows.local_t[mask])
+                continue
+            held_rows = rows.held_rows[mask]
+            stamps = cur.held[held_rows, index]  # a copy: written back below
+            new_lens[mask], chose = self._sparq.restrict_steps(
+                *args, table_out, rows.local_t[mask], stamps, index
             )
+            cur.held[held_rows, index] = stamps
+            self._stats().select_rows_reused += int((~chose).sum())
         return new_lens
 
     def _kept(
@@ -515,6 +527,37 @@ class SparqScorer:
             budget_blocks(policy.budget_tokens, bs),
             table_out,
             rows_out,
+        )
+
+    def restrict_steps(
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        policy: AttentionPolicy,
+        scale: float,
+        table_out: torch.Tensor,
+        rows_out: torch.Tensor,
+        stamps: torch.Tensor,
+        layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`restrict` where a row chooses only on its turn (``select_every_steps``;
+        spec: :func:`~vllm_utio.kv_selection.chooses_now` and
+        :func:`~vllm_utio.kv_selection.reused_blocks`) and otherwise reads the blocks its
+        last choice at ``layer`` kept (``stamps`` ``[r, max_blocks]`` int32, updated in
+        place). Returns the restricted lengths and which rows chose."""
+        bs = self.block_size
+        return self.op.sparq_restrict_steps(
+            *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
+            policy.sink_tokens // bs,
+            policy.recent_tokens,
+            budget_blocks(policy.budget_tokens, bs),
+            table_out,
+            rows_out,
+            stamps,
+            policy.select_every_steps,
+            layer,
         )
 
     def _op_args(
