@@ -87,12 +87,12 @@ def _settled_stats(llm) -> dict:
     finished (it may answer the RPC just before that step)."""
     import time
 
-    for _ in range(20):
-        stats = _stats(llm)
-        if stats["request_state_entries"] == 0:
+    for _ in range(20):  # peek without resetting: a reset here would drop the counters
+        peek = llm.collective_rpc("utio_stats", kwargs={"reset": False})[0]
+        if peek["request_state_entries"] == 0:
             break
         time.sleep(0.1)
-    return stats
+    return _stats(llm)
 
 
 def _assert_identical(got: list[list[int]], want: list[list[int]]) -> None:

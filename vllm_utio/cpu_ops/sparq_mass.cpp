@@ -311,6 +311,8 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
   TORCH_CHECK(stamps.dim() == 2 && stamps.scalar_type() == torch::kInt32 &&
                   stamps.stride(1) == 1 && stamps.size(0) == query.size(0),
               "stamps [R, W] int32 with contiguous rows");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt64, "table [R, W] int64");
+  TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64, "lens [R] int64");
   table = table.contiguous();
   lens = lens.contiguous();
   out_rows = out_rows.contiguous();

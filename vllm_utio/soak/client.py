@@ -89,10 +89,13 @@ async def send(
     spec: RequestSpec,
     cache_salt: str | None = None,
     t0: float | None = None,
+    out: Outcome | None = None,
 ) -> Outcome:
-    """Send ``spec`` and read its answer; never raises for what the server does."""
+    """Send ``spec`` and read its answer; never raises for what the server does. ``out``:
+    the outcome to fill (a caller may watch a stream arrive in it)."""
     started = time.perf_counter()
-    out = Outcome(spec.index, started_s=started - (t0 if t0 is not None else started))
+    out = out if out is not None else Outcome(spec.index)
+    out.started_s = started - (t0 if t0 is not None else started)
     body = spec.body(model, cache_salt)
     try:
         if spec.stream:

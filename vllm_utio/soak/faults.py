@@ -79,8 +79,15 @@ async def kill_engine_core(
     # long enough to be still streaming when the core dies
     spec = RequestSpec(0, COMPLETION, "Once upon a time", False, True, 1, 0.0, max_tokens)
     async with new_http_client(4, deadline_s) as client:
-        request = asyncio.create_task(send(client, server.base_url, model, spec))
-        await asyncio.sleep(2.0)  # let it start streaming
+        watched = Outcome(spec.index)
+        request = asyncio.create_task(send(client, server.base_url, model, spec, out=watched))
+        # kill once tokens stream (a fixed 2 s wait raced: a quiet machine had streamed
+        # all 1024 tokens by then)
+        t_wait = time.monotonic()
+        while watched.ttft_s is None and not request.done():
+            if time.monotonic() - t_wait > deadline_s:
+                break
+            await asyncio.sleep(0.02)
         result = FaultResult(core.pid, None, None, None, deadline_s)
         os.kill(core.pid, signal.SIGKILL)
         t0 = time.monotonic()
