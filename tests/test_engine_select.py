@@ -175,12 +175,18 @@ def test_small_budget_reads_less_and_changes_outputs(select_llm, prompts):
     assert reads["tiny"][0] != dense, "two 32-token blocks of a 760-token context"
 
 
-def test_select_every_reuses_a_layers_choice_in_the_layers_after_it(select_llm, prompts):
+def _run_buckets(llm, prompts, names: tuple[str, ...], salt: str) -> dict:
+    """Each bucket's greedy outputs for ``prompts`` and the UTIO stats of that run alone."""
     runs = {}
-    for name in ("sparq", "sparq_every7"):
-        _stats(select_llm)
-        out = _greedy(select_llm, prompts, [{"utio_bucket": name}] * 2, salt=f"every-{name}")
-        runs[name] = out, _stats(select_llm)
+    for name in names:
+        _stats(llm)
+        out = _greedy(llm, prompts, [{"utio_bucket": name}] * len(prompts), salt=f"{salt}-{name}")
+        runs[name] = out, _stats(llm)
+    return runs
+
+
+def test_select_every_reuses_a_layers_choice_in_the_layers_after_it(select_llm, prompts):
+    runs = _run_buckets(select_llm, prompts, ("sparq", "sparq_every7"), "every")
     (every_out, every), (_, each) = runs["sparq_every7"], runs["sparq"]
     # layers 2..29 select: each of them chooses with select_every 1; with 7, layers 2, 9,
     # 16 and 23 choose and the 6 after each read what it chose
@@ -193,11 +199,7 @@ def test_select_every_reuses_a_layers_choice_in_the_layers_after_it(select_llm, 
 
 
 def test_select_every_steps_reuses_a_layers_last_choice(select_llm, prompts):
-    runs = {}
-    for name in ("sparq", "sparq_steps4"):
-        _stats(select_llm)
-        out = _greedy(select_llm, prompts, [{"utio_bucket": name}] * 2, salt=f"steps-{name}")
-        runs[name] = out, _stats(select_llm)
+    runs = _run_buckets(select_llm, prompts, ("sparq", "sparq_steps4"), "steps")
     (steps_out, steps), (each_out, each) = runs["sparq_steps4"], runs["sparq"]
     # 2 rows x 28 selecting layers x 23 decode steps; every layer chooses at a row's first
     # decode step, then on its turn once in 4 steps: about 3/4 of the row-layers reuse

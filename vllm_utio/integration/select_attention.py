@@ -400,17 +400,24 @@ class QueryAwareSelector:
         of a ``select_every_steps`` policy choose only on their turn at this layer."""
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
         for mask, policy, plan in rows.groups:
-            args = (query[mask], kv_cache, rows.table[mask], plan.seq_lens, policy, scale)
-            if policy.select_every_steps == 1:
-                new_lens[mask] = self._sparq.restrict(*args, table_out, rows.local_t[mask])
-                continue
             held_rows = rows.held_rows[mask]
-            stamps = cur.held[held_rows, index]  # a copy: written back below
-            new_lens[mask], chose = self._sparq.restrict_steps(
-                *args, table_out, rows.local_t[mask], stamps, index
+            # a copy of the rows' stamps at this layer, written back below
+            stamps = cur.held[held_rows, index] if policy.select_every_steps > 1 else None
+            new_lens[mask], chose = self._sparq.restrict(
+                query[mask],
+                kv_cache,
+                rows.table[mask],
+                plan.seq_lens,
+                policy,
+                scale,
+                table_out,
+                rows.local_t[mask],
+                stamps,
+                index,
             )
-            cur.held[held_rows, index] = stamps
-            self._stats().select_rows_reused += int((~chose).sum())
+            if stamps is not None:
+                cur.held[held_rows, index] = stamps
+                self._stats().select_rows_reused += int((~chose).sum())
         return new_lens
 
     def _kept(
@@ -514,50 +521,35 @@ class SparqScorer:
         scale: float,
         table_out: torch.Tensor,
         rows_out: torch.Tensor,
-    ) -> torch.Tensor:
+        stamps: torch.Tensor | None = None,
+        layer: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows' kept blocks (sinks, recent window, the top masses up to the budget:
         :func:`~vllm_utio.kv_selection.select_blocks` without ``top_p`` or held blocks)
-        written in logical order into ``table_out`` at rows ``rows_out``, in one op call;
-        returns the rows' restricted lengths (:func:`~vllm_utio.kv_selection.restrict_rows`)."""
-        bs = self.block_size
-        return self.op.sparq_restrict(
+        written in logical order into ``table_out`` at rows ``rows_out``, in one op call.
+        With ``stamps`` (``[r, max_blocks]`` int32, updated in place; ``select_every_steps``
+        > 1) a row chooses only on its turn at ``layer`` and otherwise reads the blocks its
+        last choice there kept (spec: :func:`~vllm_utio.kv_selection.chooses_now` and
+        :func:`~vllm_utio.kv_selection.reused_blocks`). Returns the rows' restricted
+        lengths (:func:`~vllm_utio.kv_selection.restrict_rows`) and, with ``stamps``,
+        which rows chose."""
+        args = (
             *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
-            policy.sink_tokens // bs,
-            policy.recent_tokens,
-            budget_blocks(policy.budget_tokens, bs),
+            *self._choice_args(policy),
             table_out,
             rows_out,
         )
+        if stamps is None:
+            return self.op.sparq_restrict(*args), None
+        return self.op.sparq_restrict_steps(*args, stamps, policy.select_every_steps, layer)
 
-    def restrict_steps(
-        self,
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
-        table: torch.Tensor,
-        seq_lens: torch.Tensor,
-        policy: AttentionPolicy,
-        scale: float,
-        table_out: torch.Tensor,
-        rows_out: torch.Tensor,
-        stamps: torch.Tensor,
-        layer: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`restrict` where a row chooses only on its turn (``select_every_steps``;
-        spec: :func:`~vllm_utio.kv_selection.chooses_now` and
-        :func:`~vllm_utio.kv_selection.reused_blocks`) and otherwise reads the blocks its
-        last choice at ``layer`` kept (``stamps`` ``[r, max_blocks]`` int32, updated in
-        place). Returns the restricted lengths and which rows chose."""
+    def _choice_args(self, policy: AttentionPolicy) -> tuple[int, int, int]:
+        """The op's sink blocks, recent-window tokens and budget blocks of ``policy``."""
         bs = self.block_size
-        return self.op.sparq_restrict_steps(
-            *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
+        return (
             policy.sink_tokens // bs,
             policy.recent_tokens,
             budget_blocks(policy.budget_tokens, bs),
-            table_out,
-            rows_out,
-            stamps,
-            policy.select_every_steps,
-            layer,
         )
 
     def _op_args(
