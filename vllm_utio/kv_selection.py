@@ -243,6 +243,14 @@ def always_kept(seq_lens: torch.Tensor, block_size: int, rule: SelectRule) -> to
     return (idx < rule.sink_blocks) | ((idx >= nb - recent.reshape(-1, 1)) & (idx < nb))
 
 
+def _blocks_of(seq_lens: torch.Tensor, block_size: int, width: int | None = None) -> torch.Tensor:
+    """``[R, width]`` mask of each row's logical blocks (default width: the longest row's)."""
+    num_blocks = (seq_lens.to(torch.long) + block_size - 1) // block_size
+    if width is None:
+        width = int(num_blocks.max()) if len(seq_lens) else 0
+    return torch.arange(width).reshape(1, -1) < num_blocks.reshape(-1, 1)
+
+
 @dataclass(frozen=True)
 class SelectPlan:
     """The layer-independent part of :func:`select_blocks` for a set of rows: built once
@@ -261,10 +269,8 @@ def plan_selection(
     """What :func:`select_blocks` can decide from the rows' lengths alone; ``width``: the
     bounds' block axis (default: the longest row's blocks)."""
     seq_lens = seq_lens.to(torch.long).cpu()
-    num_blocks = (seq_lens + block_size - 1) // block_size
-    if width is None:
-        width = int(num_blocks.max()) if len(seq_lens) else 0
-    valid = torch.arange(width).reshape(1, -1) < num_blocks.reshape(-1, 1)
+    valid = _blocks_of(seq_lens, block_size, width)
+    width = valid.shape[1]
     base = always_kept(seq_lens, block_size, rule)
     if base.shape[1] < width:
         base = torch.nn.functional.pad(base, (0, width - base.shape[1]))
@@ -370,13 +376,6 @@ def held_mask(last: torch.Tensor, seq_lens: torch.Tensor, hold_steps: int) -> to
     """``[R, NB]``: blocks last ranked at most ``hold_steps`` steps before ``seq_lens``;
     ``last`` ``[R, NB]`` is the sequence length of that step."""
     return last >= (seq_lens.to(last.dtype).reshape(-1, 1) - hold_steps)
-
-
-def _blocks_of(seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:
-    """``[R, NB]`` mask of each row's logical blocks (NB: the longest row's)."""
-    num_blocks = (seq_lens.to(torch.long) + block_size - 1) // block_size
-    width = int(num_blocks.max()) if len(seq_lens) else 0
-    return torch.arange(width).reshape(1, -1) < num_blocks.reshape(-1, 1)
 
 
 def last_choice(stamps: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -250,6 +250,66 @@ void check_out(const torch::Tensor& query, const torch::Tensor& out_table,
   TORCH_CHECK(budget_blocks >= 1, "budget_blocks must be >= 1");
 }
 
+// Where a row's blocks come from: the choice on its masses (`mass` row `mass_row[r]`, its
+// kept blocks stamped with its length when `stamps` is given), or, for mass_row -1, its
+// last choice (the blocks stamped `last[r]`) plus today's sinks and recent window.
+struct RowSources {
+  const float* mass;
+  int64_t mass_width;
+  std::vector<int64_t> mass_row;
+  int32_t* stamps;  // nullptr: no stamps kept
+  int64_t stamps_row;
+  std::vector<int32_t> last;
+};
+
+// Every row's restricted table row written into `out_table` at `out_rows[r]`; returns the
+// restricted lengths.
+torch::Tensor restrict_rows_into(const RowSources& src, torch::Tensor table,
+                                 torch::Tensor lens, torch::Tensor out_table,
+                                 torch::Tensor out_rows, int64_t block_size,
+                                 int64_t sink_blocks, int64_t recent_tokens,
+                                 int64_t budget_blocks) {
+  table = table.contiguous();
+  lens = lens.contiguous();
+  out_rows = out_rows.contiguous();
+  const int64_t rows = lens.size(0);
+  const auto* tb = table.data_ptr<int64_t>();
+  const auto* ln = lens.data_ptr<int64_t>();
+  const auto* dst_rows = out_rows.data_ptr<int64_t>();
+  auto new_lens = torch::empty({rows}, lens.options());
+  auto* nl = new_lens.data_ptr<int64_t>();
+  std::vector<uint8_t> kept;
+  std::vector<int64_t> cand;
+  AT_DISPATCH_INDEX_TYPES(out_table.scalar_type(), "sparq_restrict", [&] {
+    auto* dst = out_table.data_ptr<index_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(dst_rows[r] >= 0 && dst_rows[r] < out_table.size(0), "out_rows out of range");
+      const int64_t len = ln[r];
+      if (len <= 0) {
+        nl[r] = len;
+        continue;
+      }
+      const RowBlocks b(len, block_size, recent_tokens);
+      TORCH_CHECK(b.nb <= out_table.size(1), "out_table is narrower than the rows' blocks");
+      int32_t* row_stamps = src.stamps ? src.stamps + r * src.stamps_row : nullptr;
+      if (src.mass_row[r] >= 0) {
+        choose_row(src.mass + src.mass_row[r] * src.mass_width, b, sink_blocks, budget_blocks,
+                   kept, cand);
+        if (row_stamps)
+          for (int64_t n = 0; n < b.nb; ++n)
+            if (kept[n]) row_stamps[n] = static_cast<int32_t>(len);
+      } else {
+        kept.assign(b.nb, 0);
+        for (int64_t n = 0; n < b.nb; ++n)
+          kept[n] = n < sink_blocks || n >= b.recent_from || row_stamps[n] == src.last[r];
+      }
+      nl[r] = write_row(kept, b, tb + r * table.size(1), dst + dst_rows[r] * out_table.size(1),
+                        block_size);
+    }
+  });
+  return new_lens;
+}
+
 }  // namespace
 
 // select's whole choice for 'sparq' rows in one call: each row's block masses
@@ -264,34 +324,11 @@ torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t b
   check_out(query, out_table, out_rows, budget_blocks);
   const auto mass = sparq_block_mass(query, cache, block_stride, start, s_tok, s_head, s_chan,
                                      table, lens, kv_heads, block_size, channels, scale);
-  table = table.contiguous();
-  lens = lens.contiguous();
-  out_rows = out_rows.contiguous();
-  const int64_t rows = query.size(0), width = mass.size(1);
-  TORCH_CHECK(width <= out_table.size(1), "out_table is narrower than the rows' blocks");
-  auto new_lens = torch::empty({rows}, lens.options());
-  const auto* m = mass.data_ptr<float>();
-  const auto* tb = table.data_ptr<int64_t>();
-  const auto* ln = lens.data_ptr<int64_t>();
-  const auto* dst_rows = out_rows.data_ptr<int64_t>();
-  auto* nl = new_lens.data_ptr<int64_t>();
-  std::vector<uint8_t> kept;
-  std::vector<int64_t> cand;
-  AT_DISPATCH_INDEX_TYPES(out_table.scalar_type(), "sparq_restrict", [&] {
-    auto* dst = out_table.data_ptr<index_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      TORCH_CHECK(dst_rows[r] >= 0 && dst_rows[r] < out_table.size(0), "out_rows out of range");
-      if (ln[r] <= 0) {
-        nl[r] = ln[r];
-        continue;
-      }
-      const RowBlocks b(ln[r], block_size, recent_tokens);
-      choose_row(m + r * width, b, sink_blocks, budget_blocks, kept, cand);
-      nl[r] = write_row(kept, b, tb + r * table.size(1), dst + dst_rows[r] * out_table.size(1),
-                        block_size);
-    }
-  });
-  return new_lens;
+  RowSources src{mass.data_ptr<float>(), mass.size(1), std::vector<int64_t>(query.size(0)),
+                 nullptr, 0, {}};
+  std::iota(src.mass_row.begin(), src.mass_row.end(), 0);
+  return restrict_rows_into(src, table, lens, out_table, out_rows, block_size, sink_blocks,
+                            recent_tokens, budget_blocks);
 }
 
 // sparq_restrict where a row chooses afresh only every `every_steps` of its decode steps
@@ -313,17 +350,15 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
               "stamps [R, W] int32 with contiguous rows");
   TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt64, "table [R, W] int64");
   TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64, "lens [R] int64");
-  table = table.contiguous();
   lens = lens.contiguous();
-  out_rows = out_rows.contiguous();
   const int64_t rows = query.size(0);
-  const auto* tb = table.data_ptr<int64_t>();
   const auto* ln = lens.data_ptr<int64_t>();
   auto* st = stamps.data_ptr<int32_t>();
   const int64_t st_row = stamps.stride(0);
   auto chose = torch::zeros({rows}, torch::kBool);
   auto* ch = chose.data_ptr<bool>();
-  std::vector<int32_t> last(rows);
+  RowSources src{nullptr, 0, std::vector<int64_t>(rows, -1), st, st_row,
+                 std::vector<int32_t>(rows)};
   std::vector<int64_t> picked;  // rows that choose now
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t nb = (ln[r] + block_size - 1) / block_size;
@@ -334,9 +369,12 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
       const int32_t stamp = st[r * st_row + n];
       if (stamp <= len) top = std::max(top, stamp);  // later ones: rejected speculation
     }
-    last[r] = top;
+    src.last[r] = top;
     ch[r] = len > 0 && (len - top >= every_steps || (len + layer) % every_steps == 0);
-    if (ch[r]) picked.push_back(r);
+    if (ch[r]) {
+      src.mass_row[r] = static_cast<int64_t>(picked.size());
+      picked.push_back(r);
+    }
   }
   torch::Tensor mass;
   if (!picked.empty()) {
@@ -344,39 +382,10 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
     mass = sparq_block_mass(query.index_select(0, idx), cache, block_stride, start, s_tok,
                             s_head, s_chan, table.index_select(0, idx), lens.index_select(0, idx),
                             kv_heads, block_size, channels, scale);
-    TORCH_CHECK(mass.size(1) <= out_table.size(1), "out_table is narrower than the rows' blocks");
+    src.mass = mass.data_ptr<float>();
+    src.mass_width = mass.size(1);
   }
-  auto new_lens = torch::empty({rows}, lens.options());
-  auto* nl = new_lens.data_ptr<int64_t>();
-  const auto* dst_rows = out_rows.data_ptr<int64_t>();
-  std::vector<uint8_t> kept;
-  std::vector<int64_t> cand;
-  AT_DISPATCH_INDEX_TYPES(out_table.scalar_type(), "sparq_restrict_steps", [&] {
-    auto* dst = out_table.data_ptr<index_t>();
-    int64_t p = 0;  // position among the choosing rows
-    for (int64_t r = 0; r < rows; ++r) {
-      TORCH_CHECK(dst_rows[r] >= 0 && dst_rows[r] < out_table.size(0), "out_rows out of range");
-      const int64_t len = ln[r];
-      if (len <= 0) {
-        nl[r] = len;
-        continue;
-      }
-      const RowBlocks b(len, block_size, recent_tokens);
-      TORCH_CHECK(b.nb <= out_table.size(1), "out_table is narrower than the rows' blocks");
-      int32_t* row_stamps = st + r * st_row;
-      if (ch[r]) {
-        choose_row(mass.data_ptr<float>() + p++ * mass.size(1), b, sink_blocks, budget_blocks,
-                   kept, cand);
-        for (int64_t n = 0; n < b.nb; ++n)
-          if (kept[n]) row_stamps[n] = static_cast<int32_t>(len);
-      } else {
-        kept.assign(b.nb, 0);
-        for (int64_t n = 0; n < b.nb; ++n)
-          kept[n] = n < sink_blocks || n >= b.recent_from || row_stamps[n] == last[r];
-      }
-      nl[r] = write_row(kept, b, tb + r * table.size(1), dst + dst_rows[r] * out_table.size(1),
-                        block_size);
-    }
-  });
+  auto new_lens = restrict_rows_into(src, table, lens, out_table, out_rows, block_size,
+                                     sink_blocks, recent_tokens, budget_blocks);
   return {new_lens, chose};
 }
