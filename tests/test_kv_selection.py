@@ -263,3 +263,22 @@ def test_budget_in_whole_blocks():
     assert budget_blocks(1000, 32) == 32
     assert budget_blocks(1024, 32) == 32
     assert budget_blocks(1, 128) == 1
+
+
+def test_select_rows_in_order_are_views_and_others_are_taken():
+    # the per-layer glue of select (integration): rows 0..n-1 in order are a slice (a view
+    # of the query and of the held stamps the op updates in place); others are gathered
+    from vllm_utio.integration.select_attention import _rows_or_view, _sub_rows, _take_rows
+
+    t = torch.arange(12).reshape(6, 2)
+    assert _rows_or_view(torch.tensor([0, 1, 2])) == slice(0, 3)
+    for rows in ([0, 2, 3], [1, 2], [1]):
+        index = torch.tensor(rows)
+        assert _rows_or_view(index) is index
+        assert torch.equal(_take_rows(t, index), t[rows])
+    view = _take_rows(t, slice(0, 3))
+    assert view.data_ptr() == t.data_ptr() and torch.equal(view, t[:3])
+    mask = torch.tensor([True, False, True])
+    assert _sub_rows(slice(0, 3), slice(None)) == slice(0, 3)
+    assert torch.equal(_sub_rows(slice(0, 3), mask), torch.tensor([0, 2]))
+    assert torch.equal(_sub_rows(torch.tensor([0, 2, 3]), mask), torch.tensor([0, 3]))

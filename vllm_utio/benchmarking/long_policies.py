@@ -82,6 +82,15 @@ POLICIES: dict[str, dict[str, Any]] = {
         "scoring": "sparq",
         "select_every_steps": 4,
     },
+    # every 8th step: choosing within 10% of a step at 8k too (the op reads twice the keys)
+    "sparq1536s8": {
+        "policy": "select",
+        "sink_tokens": 128,
+        "recent_tokens": 256,
+        "budget_tokens": 1536,
+        "scoring": "sparq",
+        "select_every_steps": 8,
+    },
     # adaptive: stop once the kept blocks hold 90% of the estimated attention mass
     "select1024p90": {
         "policy": "select",

@@ -94,8 +94,9 @@ class _Rows:
     local_t: torch.Tensor
     seq_lens: torch.Tensor  # [R] long, CPU
     table: torch.Tensor  # [R, NB] their physical blocks in logical order (int64, CPU)
-    query_rows: torch.Tensor  # [R] each row's query token in the sub-batch
-    held_rows: torch.Tensor  # [R] positions in _Current.held
+    query_rows: torch.Tensor | slice  # each row's query token in the sub-batch
+    held_rows: torch.Tensor | slice  # positions in _Current.held
+    total: int  # sum of seq_lens
     # per distinct policy: its rows (a bool mask, or all of them), policy and plan
     groups: list[tuple[torch.Tensor | slice, AttentionPolicy, SelectPlan]]
     # every group is 'sparq' without held blocks: the op chooses and restricts in one call
@@ -126,6 +127,8 @@ class QueryAwareSelector:
         self._kernel: DecodeKernel | None = None  # UTIO's decode kernel (policies' 'kernel')
         self.held = HeldBlocks(stack.num_layers, -(-max_model_len // block_size))
         self._layer_of: dict[str, int] = {}
+        # per layer: (head size, attention scale); read once, not through nn.Module lookups
+        self._heads: list[tuple[int, float]] = []
         self._first_layer = 0
         # this step: persistent row -> its select policy (decode rows only)
         self.policies: dict[int, AttentionPolicy] = {}
@@ -167,6 +170,10 @@ class QueryAwareSelector:
         if any(p.kernel == "utio" for p in policies):
             self._kernel = DecodeKernel.for_layer(attn0)
         self._first_layer = first_layer
+        self._heads = [
+            (int(layer.self_attn.attn.head_size), self.stack.attention_scale(i))
+            for i, layer in enumerate(self.stack.layers)
+        ]
         wrapped: set[int] = set()
         for index, layer in enumerate(self.stack.layers):
             attn = layer.self_attn.attn
@@ -249,8 +256,9 @@ class QueryAwareSelector:
                 return forward(layer, query, key, value, kv_cache, attn_metadata, *a, **kw)
             if index >= self._first_layer:
                 t0 = time.perf_counter()
-                flat = query.reshape(query.shape[0], -1)
-                restricted = self._layer_metadata(index, flat, kv_cache, cur)
+                # [tokens, ...] as vLLM passes it (a view into qkv: reshaping every token's
+                # query here would copy them all; the select rows' are taken first)
+                restricted = self._layer_metadata(index, query, kv_cache, cur)
                 self._stats().select_s += time.perf_counter() - t0
                 if restricted is not None:
                     attn_metadata = restricted
@@ -296,7 +304,7 @@ class QueryAwareSelector:
         local = [cur.local[j] for j in chosen]
         rules = [cur.rules[j] for j in chosen]
         local_t = torch.as_tensor(local, dtype=torch.long)
-        seq_lens = upper_all[local_t].to(torch.long)
+        seq_lens = upper_all.index_select(0, local_t).to(torch.long)
         width = int(((seq_lens + bs - 1) // bs).max())
         table = cm.block_table_tensor[local_t.to(cm.block_table_tensor.device), :width]
         table = table.to("cpu", torch.long)  # as the scorers and the restriction take it
@@ -314,8 +322,9 @@ class QueryAwareSelector:
             local_t,
             seq_lens,
             table,
-            cm.query_start_loc_cpu[local_t],
-            torch.as_tensor(chosen, dtype=torch.long),
+            _rows_or_view(cm.query_start_loc_cpu.index_select(0, local_t)),
+            _rows_or_view(torch.as_tensor(chosen, dtype=torch.long)),
+            int(seq_lens.sum()),
             groups,
             # the op writes the restricted rows into a copy of the sub-batch's table
             fused=self._sparq is not None
@@ -346,9 +355,8 @@ class QueryAwareSelector:
             self.saved_tokens += last.saved
             return last.metadata
         self._stats().select_choices += 1
-        head_size = int(self.stack.layers[index].self_attn.attn.head_size)
-        query = query[rows.query_rows.to(query.device)].reshape(len(rows.local), -1, head_size)
-        scale = self.stack.attention_scale(index)
+        head_size, scale = self._heads[index]
+        query = _take_rows(query, rows.query_rows).reshape(len(rows.local), -1, head_size)
         local, local_t = rows.local, rows.local_t
         full_table = cm.block_table_tensor.clone()
         if rows.fused:
@@ -359,7 +367,7 @@ class QueryAwareSelector:
             full_table[local_t.to(full_table.device), : kept.shape[1]] = new_rows.to(
                 full_table.device, full_table.dtype
             )
-        saved = int((rows.seq_lens - new_lens).sum())
+        saved = rows.total - int(new_lens.sum())
         self.saved_tokens += saved
         if same_rows and torch.equal(last.lens, new_lens):
             if torch.equal(last.table, full_table):
@@ -400,9 +408,12 @@ class QueryAwareSelector:
         of a ``select_every_steps`` policy choose only on their turn at this layer."""
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
         for mask, policy, plan in rows.groups:
-            held_rows = rows.held_rows[mask]
-            # a copy of the rows' stamps at this layer, written back below
-            stamps = cur.held[held_rows, index] if policy.select_every_steps > 1 else None
+            held_rows = _sub_rows(rows.held_rows, mask)
+            stamps = None
+            if policy.select_every_steps > 1:
+                # a view the op updates in place where the rows are held's own, in order;
+                # else a copy, written back below
+                stamps = cur.held[held_rows, index]
             new_lens[mask], chose = self._sparq.restrict(
                 query[mask],
                 kv_cache,
@@ -416,8 +427,9 @@ class QueryAwareSelector:
                 index,
             )
             if stamps is not None:
-                cur.held[held_rows, index] = stamps
-                self._stats().select_rows_reused += int((~chose).sum())
+                if not isinstance(held_rows, slice):
+                    cur.held[held_rows, index] = stamps
+                self._stats().select_rows_reused += len(chose) - int(chose.sum())
         return new_lens
 
     def _kept(
@@ -447,12 +459,13 @@ class QueryAwareSelector:
                 rank = combine_heads(per_head[:, mask], policy.heads, plan.valid, scale).cpu()
             held = None
             if rule.hold_steps and cur.held is not None:
-                last = cur.held[rows.held_rows[mask], index, :width]  # [r, NB]
+                held_rows = _sub_rows(rows.held_rows, mask)
+                last = cur.held[held_rows, index, :width]  # [r, NB]
                 held = held_mask(last, plan.seq_lens, rule.hold_steps)
             kept[mask], ranked = select_blocks(rank, plan.seq_lens, bs, rule, held, plan)
             if held is not None:
                 stamp = torch.where(ranked, plan.seq_lens.to(torch.int32).reshape(-1, 1), last)
-                cur.held[rows.held_rows[mask], index, :width] = stamp
+                cur.held[held_rows, index, :width] = stamp
         return kept
 
 
@@ -576,6 +589,30 @@ class SparqScorer:
             policy.sparq_channels,
             scale,
         )
+
+
+def _rows_or_view(index: torch.Tensor) -> torch.Tensor | slice:
+    """``index`` (sorted row positions), or the slice it equals when it is ``0..n-1``
+    (decode rows in order, the usual case): taking rows then is a view, not a gather."""
+    n = len(index)
+    if n and int(index[0]) == 0 and int(index[-1]) == n - 1 and bool((index.diff() == 1).all()):
+        return slice(0, n)
+    return index
+
+
+def _take_rows(t: torch.Tensor, rows: torch.Tensor | slice) -> torch.Tensor:
+    """``t``'s rows ``rows`` (a slice: a view; positions: a copy)."""
+    return t[rows] if isinstance(rows, slice) else t.index_select(0, rows)
+
+
+def _sub_rows(rows: torch.Tensor | slice, mask: torch.Tensor | slice) -> torch.Tensor | slice:
+    """The entries of ``rows`` (positions, or a slice of them) under a group's ``mask``
+    (a bool mask, or ``slice(None)`` for all)."""
+    if isinstance(mask, slice):
+        return rows
+    if isinstance(rows, slice):
+        rows = torch.arange(rows.start, rows.stop)
+    return rows[mask]
 
 
 def summary_dtype(cache_dtype: torch.dtype) -> torch.dtype:
