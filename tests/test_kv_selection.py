@@ -282,3 +282,26 @@ def test_select_rows_in_order_are_views_and_others_are_taken():
     assert _sub_rows(slice(0, 3), slice(None)) == slice(0, 3)
     assert torch.equal(_sub_rows(slice(0, 3), mask), torch.tensor([0, 2]))
     assert torch.equal(_sub_rows(torch.tensor([0, 2, 3]), mask), torch.tensor([0, 3]))
+
+
+@pytest.mark.parametrize("select_every", [1, 2, 4])
+def test_choosing_layers_take_turns_over_steps(select_every: int):
+    # select_every_steps 4: at each decode step about a quarter of the choosing layers
+    # choose afresh, whatever select_every leaves as choosing layers
+    from vllm_utio.integration.select_attention import choice_turn
+    from vllm_utio.kv_selection import chooses_now
+
+    every_steps, dense = 4, 2
+    layers = range(dense, 30, select_every)
+    never = torch.full((1,), -(2**30), dtype=torch.int32)
+    for length in range(100, 108):
+        seq = torch.tensor([length])
+        choosing = sum(
+            bool(chooses_now(seq - 1, seq, choice_turn(i, select_every), every_steps))
+            for i in layers
+        )
+        assert abs(choosing - len(layers) / every_steps) <= 1, (length, choosing)
+        assert all(
+            chooses_now(never, seq, choice_turn(i, select_every), every_steps) for i in layers
+        )
+    assert [choice_turn(i, 1) for i in layers] == list(layers)  # every layer: its index

@@ -93,9 +93,9 @@ class AttentionPolicy(_Strict):
         default=1,
         ge=1,
         description="select with scoring 'sparq': a row chooses afresh at a layer only every "
-        "this many of its decode steps (staggered over the layers, so each step about "
-        "1/select_every_steps of them choose); between, the layer reads the blocks of its own "
-        "last choice plus the current sinks and recent window (at most one block over the "
+        "this many of its decode steps (staggered over the choosing layers, so each step "
+        "about 1/select_every_steps of them choose); between, the layer reads the blocks of "
+        "its own last choice plus the current sinks and recent window (at most one block over the "
         "budget). Consecutive queries of a layer attend to much the same blocks, so "
         "choosing costs 1/select_every_steps as much. 1: every step chooses.",
     )

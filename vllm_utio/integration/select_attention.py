@@ -424,7 +424,7 @@ class QueryAwareSelector:
                 table_out,
                 rows.local_t[mask],
                 stamps,
-                index,
+                choice_turn(index, policy.select_every),
             )
             if stamps is not None:
                 if not isinstance(held_rows, slice):
@@ -589,6 +589,14 @@ class SparqScorer:
             policy.sparq_channels,
             scale,
         )
+
+
+def choice_turn(index: int, select_every: int) -> int:
+    """The stagger of layer ``index`` for ``select_every_steps``: its rank among the
+    choosing layers (the layer index when every layer chooses). Consecutive choosing
+    layers get consecutive turns, so with ``select_every`` 4 they do not all choose on
+    the same steps."""
+    return index // select_every
 
 
 def _rows_or_view(index: torch.Tensor) -> torch.Tensor | slice:
