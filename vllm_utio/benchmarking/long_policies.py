@@ -82,7 +82,8 @@ POLICIES: dict[str, dict[str, Any]] = {
         "scoring": "sparq",
         "select_every_steps": 4,
     },
-    # every 8th step: choosing within 10% of a step at 8k too (the op reads twice the keys)
+    # every 8th step: choosing within 10% of a step at 8k too, but reused choices lost 3 of
+    # 12 facts there (docs/results/2026-12-05/steps-8k)
     "sparq1536s8": {
         "policy": "select",
         "sink_tokens": 128,
