@@ -408,11 +408,11 @@ class QueryAwareSelector:
         of a ``select_every_steps`` policy choose only on their turn at this layer."""
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
         for mask, policy, plan in rows.groups:
-            held_rows = _sub_rows(rows.held_rows, mask)
-            stamps = None
+            held_rows = stamps = None
             if policy.select_every_steps > 1:
                 # a view the op updates in place where the rows are held's own, in order;
                 # else a copy, written back below
+                held_rows = _sub_rows(rows.held_rows, mask)
                 stamps = cur.held[held_rows, index]
             new_lens[mask], chose = self._sparq.restrict(
                 query[mask],
