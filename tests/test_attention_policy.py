@@ -217,6 +217,19 @@ def test_vslash_config_errors():
     assert "'attention_all.select_every_steps': value 0" in err(
         {"policy": "select", "scoring": "sparq", "select_every_steps": 0}
     )
+    sparq_steps = {"policy": "select", "scoring": "sparq", "select_every_steps": 8}
+    msg = err({**sparq_steps, "focus_mass": 0})
+    assert "'attention_all.focus_mass': value 0" in msg and "greater than 0" in msg
+    assert "'attention_all.focus_mass': value 1.5" in err({**sparq_steps, "focus_mass": 1.5})
+    msg = err({**sparq_steps, "select_every_steps": 1, "focus_mass": 0.4})
+    assert "focus_mass only applies with select_every_steps > 1" in msg
+    assert "focus_mass only applies to scoring 'sparq'" in err(
+        {"policy": "select", "focus_mass": 0.4}
+    )
+    assert "focus_mass only apply to policy 'select'" in err(
+        {"policy": "throttle", "focus_mass": 0.4}
+    )
+    parse_utio_config({"attention_all": {**sparq_steps, "focus_mass": 0.4}})
     bucket = {"name": "b", "max_score": 0.5, "keep_first": 10, "keep_last": 10}
     msg = err({"policy": "vslash"}, buckets=[bucket], routing_layer=12)
     assert "'attention_all.policy': value 'vslash'" in msg and "routing_layer=12" in msg

@@ -135,16 +135,21 @@ def test_sparq_restrict_equals_select_then_restrict(dtype: torch.dtype, table_dt
     assert torch.equal(out[untouched], before[untouched])
 
 
-def test_sparq_restrict_steps_equals_the_spec_over_steps():
+@pytest.mark.parametrize("focused", [False, True])
+def test_sparq_restrict_steps_equals_the_spec_over_steps(focused: bool):
     """``select_every_steps``: over consecutive decode steps at one layer, the op's choice
     (rows on their turn, or with no or a stale last choice) equals ``select_blocks`` on
     the op's masses, and a reusing row reads ``reused_blocks`` of its stamps; the stamps
-    it leaves equal the spec's, and only choosing rows change them."""
+    it leaves equal the spec's, and only choosing rows change them. With ``focus_mass``,
+    a row whose choice ``finds_focus`` chooses off its turn on that step and the next,
+    as the spec says, and the shared focus length it leaves equals the spec's."""
     from vllm_utio.cpu_ops import load
     from vllm_utio.kv_selection import (
         SelectRule,
+        always_kept,
         budget_blocks,
         chooses_now,
+        finds_focus,
         last_choice,
         restrict_rows,
         reused_blocks,
@@ -160,16 +165,23 @@ def test_sparq_restrict_steps_equals_the_spec_over_steps():
     rule = SelectRule(sink_tokens // BS, recent, budget)
     stamps = torch.full((len(start_lens), table.shape[1]), -(2**30), dtype=torch.int32)
     stamps[3, :4] = 10**6  # a choice from a longer sequence (rejected speculation): ignored
-    chose_steps = []
-    for step in range(7):
+    never = torch.full((len(start_lens),), -(2**30), dtype=torch.int32)
+    focus, want_focus = never.clone(), never.clone()
+    share = 0.0  # off; when focused, set from the first step's masses (below)
+    chose_steps, focus_steps = [], []
+    for step in range(9):
         lens = start_lens + step
         gen = torch.Generator().manual_seed(10 + step)
         query = torch.randn(len(lens), 3 * G, D, generator=gen) * 3
         mass = op.sparq_block_mass(
             query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale
         )
+        if focused and step == 0:  # between the rows' largest far masses: some focus
+            far = mass.masked_fill(always_kept(lens, BS, rule), 0).amax(1)
+            share = float(far[1:].median())
         last = last_choice(stamps, lens, BS)
-        choose = chooses_now(last, lens, layer, every)
+        on_turn = chooses_now(last, lens, layer, every)
+        choose = chooses_now(last, lens, layer, every, want_focus if focused else None)
         fresh, _ = select_blocks(mass, lens, BS, rule)
         kept = torch.where(
             choose.reshape(-1, 1), fresh, reused_blocks(stamps, last, lens, BS, rule)
@@ -179,21 +191,31 @@ def test_sparq_restrict_steps_equals_the_spec_over_steps():
         want_stamps[:, : kept.shape[1]][choose.reshape(-1, 1) & kept] = lens.repeat_interleave(
             kept.sum(1) * choose
         ).to(torch.int32)
+        if focused:
+            found = choose & finds_focus(mass, lens, BS, rule, share)
+            want_focus = torch.where(found, lens.to(torch.int32), want_focus)
         out = torch.zeros(len(lens), table.shape[1], dtype=torch.int32)
         got_lens, got_chose = op.sparq_restrict_steps(
             query, cache, cache.stride(0), *strides, table, lens, G, BS, 16, scale,
             sink_tokens // BS, recent, budget_blocks(budget, BS), out,
-            torch.arange(len(lens)), stamps, every, layer,
+            torch.arange(len(lens)), stamps, every, layer, focus, share,
         )  # fmt: skip
-        assert torch.equal(got_chose, choose), step
+        want_chose = torch.where(on_turn, 1, torch.where(choose, 2, 0)).to(torch.int8)
+        assert torch.equal(got_chose, want_chose), step
         assert torch.equal(got_lens, want_lens), step
         for r, n in enumerate(((lens + BS - 1) // BS).tolist()):
             assert torch.equal(out[r, :n], want_rows[r, :n].to(torch.int32)), (step, r)
         assert torch.equal(stamps, want_stamps), step
+        assert torch.equal(focus, want_focus), step
         chose_steps.append(choose.tolist())
+        focus_steps.append(int((got_chose == 2).sum()))
     # every row chose on its first step; a row over its budget then chose once in
     # `every` steps (the first row fits its budget: its choice is everything, every step)
     assert all(chose_steps[0])
-    for r in (1, 2, 3):
-        assert sum(steps[r] for steps in chose_steps) in (3, 4), r
-    assert not all(chose_steps[1]) and not all(chose_steps[2])
+    if not focused:
+        for r in (1, 2, 3):
+            assert sum(steps[r] for steps in chose_steps) in (3, 4), r
+        assert not all(chose_steps[1]) and not all(chose_steps[2])
+        assert sum(focus_steps) == 0
+    else:  # some rows chose off their turn, not every row at every step
+        assert 0 < sum(focus_steps) < 3 * 8

@@ -9,7 +9,8 @@ attention: ``wide`` (select with a budget larger than any context here), ``narro
 ranking blocks by SparQ's approximate per-key scores instead of block bounds) and
 ``sparq_every7`` (``sparq`` choosing at every 7th layer only); ``sparq_vllm``
 (``sparq`` through vLLM's attention kernel instead of UTIO's own); ``sparq_steps4``
-(``sparq`` choosing at a layer every 4th decode step only).
+(``sparq`` choosing at a layer every 4th decode step only); ``sparq_focus``
+(``sparq_steps4`` with a ``focus_mass`` every choice passes).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.engine
 
 BS = 32
 SINK, RECENT = 32, 64
+FOCUS_ALWAYS = 1e-6
 NARROW = {"policy": "select", "sink_tokens": SINK, "recent_tokens": RECENT, "budget_tokens": 256}
 BUCKETS = [
     {"name": "narrow", "max_score": 0.2, "keep_first": NUM_LAYERS, "attention": NARROW},
@@ -72,6 +74,18 @@ BUCKETS = [
         "max_score": 0.99,
         "keep_first": NUM_LAYERS,
         "attention": {**NARROW, "scoring": "sparq", "select_every_steps": 4},
+    },
+    {
+        "name": "sparq_focus",
+        "max_score": 0.995,
+        "keep_first": NUM_LAYERS,
+        # every choice finds a far block over this share: always focused
+        "attention": {
+            **NARROW,
+            "scoring": "sparq",
+            "select_every_steps": 4,
+            "focus_mass": FOCUS_ALWAYS,
+        },
     },
 ]
 MAX_TOKENS = 24
@@ -219,6 +233,21 @@ def test_select_every_steps_reuses_a_layers_last_choice(select_llm, prompts):
     # the per-request state ends with the request (the worker hears on the next step)
     _greedy(select_llm, [prompts[1][:64]], [None], max_tokens=1)
     assert _stats(select_llm)["request_state_entries"] == 0
+
+
+def test_a_focused_row_chooses_at_every_layer_and_step(select_llm, prompts):
+    runs = _run_buckets(select_llm, prompts, ("sparq", "sparq_focus"), "focus")
+    (focus_out, focus), (each_out, each) = runs["sparq_focus"], runs["sparq"]
+    # every choice finds a far block holding over FOCUS_ALWAYS of a head's attention, so
+    # from its first choice on a row chooses at every layer: no reused choice, the same
+    # blocks and tokens as choosing every step, and about 3/4 of the row-layers after
+    # the first decode step chose off their turn
+    assert focus["select_rows_reused"] == 0
+    later = 2 * (NUM_LAYERS - 2) * (MAX_TOKENS - 2)
+    assert 0.65 * later <= focus["select_rows_focused"] <= 0.8 * later, focus
+    assert focus["kv_tokens_read"] == each["kv_tokens_read"] < each["kv_tokens_dense"]
+    assert focus_out == each_out
+    assert each["select_rows_focused"] == 0
 
 
 def test_held_blocks_add_reads_and_their_state_ends_with_the_request(select_llm, prompts):

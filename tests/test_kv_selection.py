@@ -305,3 +305,30 @@ def test_choosing_layers_take_turns_over_steps(select_every: int):
             chooses_now(never, seq, choice_turn(i, select_every), every_steps) for i in layers
         )
     assert [choice_turn(i, 1) for i in layers] == list(layers)  # every layer: its index
+
+
+def test_focus_is_a_far_block_over_the_share_and_lasts_one_step_more():
+    # focus_mass: a block outside the sinks and recent window over the share focuses the
+    # row (a sink or recent block never does); a focused row chooses at every layer on
+    # that step and the next, then takes turns again
+    from vllm_utio.kv_selection import chooses_now, finds_focus
+
+    bs = 32
+    rule = SelectRule(sink_blocks=1, recent_tokens=40, budget_tokens=4 * bs)
+    lens = torch.tensor([10 * bs, 10 * bs, 10 * bs, 6 * bs + 5])
+    mass = torch.full((4, 10), 0.01)
+    mass[0, 0] = mass[0, 9] = mass[0, 8] = 0.9  # sink and recent window (blocks 8-9)
+    mass[1, 4] = 0.5  # far
+    mass[2, 4] = 0.29  # far, under the share
+    mass[3, 8] = 0.9  # past the row's 7 blocks
+    assert finds_focus(mass, lens, bs, rule, 0.3).tolist() == [False, True, False, False]
+    mass[3, 3] = 0.3  # far (its recent window is blocks 4-6), at the share
+    assert finds_focus(mass, lens, bs, rule, 0.3)[3]
+    # every_steps 8 and no turn at layer 3 on lengths 320..322: only focus makes it choose
+    seq = torch.full((3,), 10 * bs)
+    last = seq - 1
+    focus = torch.tensor([10 * bs, 10 * bs - 1, 10 * bs - 2], dtype=torch.int32)
+    assert chooses_now(last, seq, 3, 8).tolist() == [False] * 3
+    assert chooses_now(last, seq, 3, 8, focus).tolist() == [True, True, False]
+    # a focus stamped past the row's length (rejected speculation) is ignored
+    assert not chooses_now(last[:1], seq[:1], 3, 8, seq[:1].to(torch.int32) + 1).item()

@@ -83,6 +83,7 @@ def test_formatting_from_stats_dict() -> None:
         "utio_select_seconds_total": 0,
         "utio_select_choices_total": 0,
         "utio_select_rows_reused_total": 0,
+        "utio_select_rows_focused_total": 0,
         "utio_select_kernel_calls_total": 0,
         "utio_decode_kernel_calls_total": 0,
         "utio_summary_seconds_total": 0,

@@ -99,6 +99,17 @@ class AttentionPolicy(_Strict):
         "budget). Consecutive queries of a layer attend to much the same blocks, so "
         "choosing costs 1/select_every_steps as much. 1: every step chooses.",
     )
+    focus_mass: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="select with select_every_steps > 1: when a layer's choice finds a block "
+        "outside the sinks and recent window estimated to take at least this share of a "
+        "query head's attention (the row is reading something far back: a fact, a copy's "
+        "source), the row chooses afresh at every layer for the rest of that step and the "
+        "next, and keeps doing so while choices find such a block; between, reused choices "
+        "can miss the block a copy moves on to. Unset: off.",
+    )
     top_p: float | None = Field(
         default=None,
         gt=0.0,
@@ -157,6 +168,7 @@ class AttentionPolicy(_Strict):
                 "dense_layers",
                 "select_every",
                 "select_every_steps",
+                "focus_mass",
                 "top_p",
                 "hold_steps",
                 "heads",
@@ -185,15 +197,21 @@ class AttentionPolicy(_Strict):
                     f"{' and '.join(bound_only)} only {verb} to scoring 'bound', not 'sparq' "
                     f"(sparq ranks blocks by each head's own attention share); remove {them}"
                 )
+            if self.focus_mass is not None and self.select_every_steps == 1:
+                raise ValueError(
+                    "focus_mass only applies with select_every_steps > 1 (a row choosing at "
+                    "every step is always focused); set select_every_steps or remove it"
+                )
             if self.select_every_steps > 1 and self.hold_steps:
                 raise ValueError(
                     "select_every_steps and hold_steps both keep earlier steps' blocks; "
                     "set one of them (select_every_steps > 1 or hold_steps > 0), not both"
                 )
-        elif self.select_every_steps > 1:
+        elif self.select_every_steps > 1 or self.focus_mass is not None:
+            field = "select_every_steps" if self.select_every_steps > 1 else "focus_mass"
             raise ValueError(
-                "select_every_steps only applies to scoring 'sparq' (its op keeps each "
-                "layer's last choice); set scoring='sparq' or select_every_steps=1"
+                f"{field} only applies to scoring 'sparq' (its op keeps each layer's last "
+                "choice); set scoring='sparq', or select_every_steps=1 and no focus_mass"
             )
         elif "sparq_channels" in self.model_fields_set:
             raise ValueError("sparq_channels only applies to scoring 'sparq'; set scoring='sparq'")

@@ -348,20 +348,25 @@ class HeldBlocks:
     later tokens' queries may rank it below the budget once the first tokens sit in the
     recent window. Holding a ranked block for a few steps keeps the source read. The
     clock is the sequence length (one more per decode step, no counter to keep), so the
-    state is one int32 per layer and logical block of the request.
+    state is one int32 per layer and logical block of the request, and one row more for
+    what the request's layers share: at column :attr:`FOCUS`, the length at which a
+    choice last :func:`finds_focus` (``focus_mass``).
     """
+
+    FOCUS = 0  # column of the shared row (index num_layers) holding the focus length
 
     def __init__(self, num_layers: int, max_blocks: int) -> None:
         self.num_layers = num_layers
         self.max_blocks = max_blocks
-        self._last: dict[str, torch.Tensor] = {}  # request -> [L, max_blocks] seq_len
+        self._last: dict[str, torch.Tensor] = {}  # request -> [L + 1, max_blocks] seq_len
 
     def request_ids(self) -> set[str]:
         return set(self._last)
 
     def rows(self, req_ids: list[str]) -> torch.Tensor:
-        """``[R, L, max_blocks]`` state of ``req_ids`` (a copy; see :meth:`store`)."""
-        never = torch.full((self.num_layers, self.max_blocks), -(2**30), dtype=torch.int32)
+        """``[R, L + 1, max_blocks]`` state of ``req_ids`` (a copy; see :meth:`store`):
+        per layer, then the row the layers share."""
+        never = torch.full((self.num_layers + 1, self.max_blocks), -(2**30), dtype=torch.int32)
         return torch.stack([self._last.get(r, never) for r in req_ids])
 
     def store(self, req_ids: list[str], state: torch.Tensor) -> None:
@@ -390,16 +395,37 @@ def last_choice(stamps: torch.Tensor, seq_lens: torch.Tensor, block_size: int) -
 
 
 def chooses_now(
-    last: torch.Tensor, seq_lens: torch.Tensor, layer: int, every_steps: int
+    last: torch.Tensor,
+    seq_lens: torch.Tensor,
+    layer: int,
+    every_steps: int,
+    focus: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``[R]``: rows that choose afresh at ``layer`` this step; the others read their
     last choice again. A row chooses when its length, offset by the layer, is a multiple
     of ``every_steps`` (so about 1/every_steps of the layers choose at each step, rather
     than all of them at one step in every_steps), and whenever its last choice is that
-    old or absent."""
+    old or absent. With ``focus`` (``[R]``: the length at which a choice of the row last
+    :func:`finds_focus`), a row also chooses on that step and the next."""
     seq = seq_lens.to(torch.long)
     stale = seq - last.to(torch.long) >= every_steps
-    return (seq > 0) & (stale | ((seq + layer) % every_steps == 0))
+    chosen = stale | ((seq + layer) % every_steps == 0)
+    if focus is not None:
+        found = focus.to(torch.long)
+        chosen |= (found <= seq) & (found >= seq - 1)
+    return (seq > 0) & chosen
+
+
+def finds_focus(
+    mass: torch.Tensor, seq_lens: torch.Tensor, block_size: int, rule: SelectRule, share: float
+) -> torch.Tensor:
+    """``[R]``: rows whose block masses (``[R, >= NB]``, e.g. :func:`sparq_block_mass`)
+    put at least ``share`` of a head's attention on a block outside the sinks and the
+    recent window: the row is reading something far back (a fact, a copy's source), so
+    its layers should not reuse choices made before (``focus_mass``)."""
+    valid = _blocks_of(seq_lens, block_size)
+    far = valid & ~always_kept(seq_lens, block_size, rule)
+    return ((mass[:, : far.shape[1]] >= share) & far).any(1)
 
 
 def reused_blocks(

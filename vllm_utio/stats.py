@@ -38,6 +38,9 @@ class UtioStats:
     # select policy, 'select_every_steps': rows (per choosing layer and step) that read
     # their last choice at that layer again instead of choosing
     select_rows_reused: int = 0
+    # ... and rows that chose off their turn because a recent choice of theirs found a far
+    # block holding a head's attention ('focus_mass')
+    select_rows_focused: int = 0
     # select policy: attention calls of select-only sub-batches (every layer) that UTIO's
     # own decode kernel ran
     select_kernel_calls: int = 0

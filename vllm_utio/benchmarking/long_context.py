@@ -95,6 +95,11 @@ def measure(
             sample["select_ms"] = 1e3 * (u["select_s"] + u["summary_s"]) / sample["decode_steps"]
             sample["select_share"] = sample["select_ms"] / step if step else None
         decode_rows = len(prompts) * sample["decode_steps"]
+        if decode_rows and u.get("select_rows_reused"):
+            # select_every_steps: layers per decode token that reused a choice, and that
+            # chose off their turn because the row was focused (focus_mass)
+            sample["reused_per_token"] = u["select_rows_reused"] / decode_rows
+            sample["focused_per_token"] = u.get("select_rows_focused", 0) / decode_rows
         if decode_rows:
             # every row at level >= 1 was a decode row under the bucket's sparse policy
             sample["sparse_share"] = min(1.0, sum(u["rows_per_level"][1:]) / decode_rows)
@@ -178,7 +183,7 @@ def summarize_long(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
             == (row["config"], row["batch"], row["prompt_len"])
         ]
         keys = ("attn_ms", "attention_share", "kv_read_fraction", "sparse_share", "select_ms")
-        for key in (*keys, "select_share"):
+        for key in (*keys, "select_share", "reused_per_token", "focused_per_token"):
             row[key] = _median([s.get(key) for s in group])
     return rows
 

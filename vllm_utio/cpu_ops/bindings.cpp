@@ -19,7 +19,8 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
     int64_t s_tok, int64_t s_head, int64_t s_chan, torch::Tensor table, torch::Tensor lens,
     int64_t kv_heads, int64_t block_size, int64_t channels, double scale, int64_t sink_blocks,
     int64_t recent_tokens, int64_t budget_blocks, torch::Tensor out_table,
-    torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer);
+    torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer,
+    torch::Tensor focus, double focus_mass);
 bool decode_attention_available();
 void decode_attention(torch::Tensor query, torch::Tensor output, torch::Tensor cache,
                       std::vector<int64_t> layout, torch::Tensor table, torch::Tensor lens,

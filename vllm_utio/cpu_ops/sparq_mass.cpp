@@ -332,22 +332,30 @@ torch::Tensor sparq_restrict(torch::Tensor query, torch::Tensor cache, int64_t b
 }
 
 // sparq_restrict where a row chooses afresh only every `every_steps` of its decode steps
-// at this layer (spec: kv_selection.chooses_now and reused_blocks). `stamps` [R, >= W]
-// int32 (rows may be strided) holds, per logical block, the row's length when a choice
-// last kept it; a choosing row stamps its kept blocks, a reusing row keeps the blocks of
-// its last choice plus today's sinks and recent window. Only choosing rows are scored.
-// Returns the restricted lengths and which rows chose.
+// at this layer (spec: kv_selection.chooses_now, reused_blocks and finds_focus). `stamps`
+// [R, >= W] int32 (rows may be strided) holds, per logical block, the row's length when a
+// choice last kept it; a choosing row stamps its kept blocks, a reusing row keeps the
+// blocks of its last choice plus today's sinks and recent window. Only choosing rows are
+// scored. With `focus_mass` > 0, `focus` [R] int32 (any stride, shared by the row's
+// layers) holds the row's length when a choice last found a block outside its sinks and
+// recent window with at least that mass; a row chooses at every layer on that step (from
+// the finding layer on) and the next. Returns the restricted lengths and, per row, 0
+// (reused), 1 (chose: its turn, or no recent choice) or 2 (chose: focused).
 std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
     torch::Tensor query, torch::Tensor cache, int64_t block_stride, int64_t start,
     int64_t s_tok, int64_t s_head, int64_t s_chan, torch::Tensor table, torch::Tensor lens,
     int64_t kv_heads, int64_t block_size, int64_t channels, double scale, int64_t sink_blocks,
     int64_t recent_tokens, int64_t budget_blocks, torch::Tensor out_table,
-    torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer) {
+    torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer,
+    torch::Tensor focus, double focus_mass) {
   check_out(query, out_table, out_rows, budget_blocks);
   TORCH_CHECK(every_steps >= 1, "every_steps must be >= 1");
   TORCH_CHECK(stamps.dim() == 2 && stamps.scalar_type() == torch::kInt32 &&
                   stamps.stride(1) == 1 && stamps.size(0) == query.size(0),
               "stamps [R, W] int32 with contiguous rows");
+  TORCH_CHECK(focus.dim() == 1 && focus.scalar_type() == torch::kInt32 &&
+                  focus.size(0) == query.size(0),
+              "focus [R] int32");
   TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt64, "table [R, W] int64");
   TORCH_CHECK(lens.dim() == 1 && lens.scalar_type() == torch::kInt64, "lens [R] int64");
   lens = lens.contiguous();
@@ -355,8 +363,11 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
   const auto* ln = lens.data_ptr<int64_t>();
   auto* st = stamps.data_ptr<int32_t>();
   const int64_t st_row = stamps.stride(0);
-  auto chose = torch::zeros({rows}, torch::kBool);
-  auto* ch = chose.data_ptr<bool>();
+  int32_t* fo = focus.data_ptr<int32_t>();
+  const int64_t fo_step = focus.stride(0);
+  const bool focusing = focus_mass > 0.0;
+  auto chose = torch::zeros({rows}, torch::kInt8);
+  auto* ch = chose.data_ptr<int8_t>();
   RowSources src{nullptr, 0, std::vector<int64_t>(rows, -1), st, st_row,
                  std::vector<int32_t>(rows)};
   std::vector<int64_t> picked;  // rows that choose now
@@ -370,7 +381,13 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
       if (stamp <= len) top = std::max(top, stamp);  // later ones: rejected speculation
     }
     src.last[r] = top;
-    ch[r] = len > 0 && (len - top >= every_steps || (len + layer) % every_steps == 0);
+    const int32_t found = fo[r * fo_step];  // later than len: rejected speculation
+    if (len <= 0)
+      ch[r] = 0;
+    else if (len - top >= every_steps || (len + layer) % every_steps == 0)
+      ch[r] = 1;
+    else
+      ch[r] = focusing && found <= len && found >= len - 1 ? 2 : 0;
     if (ch[r]) {
       src.mass_row[r] = static_cast<int64_t>(picked.size());
       picked.push_back(r);
@@ -384,6 +401,17 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
                             kv_heads, block_size, channels, scale);
     src.mass = mass.data_ptr<float>();
     src.mass_width = mass.size(1);
+    if (focusing)  // a block outside the always-kept ones holding a head's attention
+      for (size_t i = 0; i < picked.size(); ++i) {
+        const int64_t r = picked[i];
+        const RowBlocks b(ln[r], block_size, recent_tokens);
+        const float* m = src.mass + static_cast<int64_t>(i) * src.mass_width;
+        for (int64_t n = sink_blocks; n < b.recent_from; ++n)
+          if (m[n] >= focus_mass) {
+            fo[r * fo_step] = static_cast<int32_t>(ln[r]);
+            break;
+          }
+      }
   }
   auto new_lens = restrict_rows_into(src, table, lens, out_table, out_rows, block_size,
                                      sink_blocks, recent_tokens, budget_blocks);

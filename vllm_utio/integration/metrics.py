@@ -154,6 +154,12 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "(select_every_steps), per choosing layer and step.",
     ),
     (
+        "utio_select_rows_focused",
+        "select_rows_focused",
+        "Rows that chose KV blocks off their select_every_steps turn because a recent "
+        "choice found a far block holding a head's attention (focus_mass).",
+    ),
+    (
         "utio_select_kernel_calls",
         "select_kernel_calls",
         "Attention calls of sub-batches of 'select' rows run by UTIO's own decode kernel.",

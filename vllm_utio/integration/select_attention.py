@@ -407,13 +407,15 @@ class QueryAwareSelector:
         restricted table rows into ``table_out``; returns their restricted lengths. Rows
         of a ``select_every_steps`` policy choose only on their turn at this layer."""
         new_lens = torch.empty(len(rows.local), dtype=torch.long)
+        shared = self.held.num_layers  # the held row the request's layers share
         for mask, policy, plan in rows.groups:
-            held_rows = stamps = None
+            held_rows = stamps = focus = None
             if policy.select_every_steps > 1:
-                # a view the op updates in place where the rows are held's own, in order;
-                # else a copy, written back below
+                # views the op updates in place where the rows are held's own, in order;
+                # else copies, written back below
                 held_rows = _sub_rows(rows.held_rows, mask)
                 stamps = cur.held[held_rows, index]
+                focus = cur.held[held_rows, shared, HeldBlocks.FOCUS]
             new_lens[mask], chose = self._sparq.restrict(
                 query[mask],
                 kv_cache,
@@ -425,11 +427,15 @@ class QueryAwareSelector:
                 rows.local_t[mask],
                 stamps,
                 choice_turn(index, policy.select_every),
+                focus,
             )
             if stamps is not None:
                 if not isinstance(held_rows, slice):
                     cur.held[held_rows, index] = stamps
-                self._stats().select_rows_reused += len(chose) - int(chose.sum())
+                    cur.held[held_rows, shared, HeldBlocks.FOCUS] = focus
+                stats = self._stats()
+                stats.select_rows_reused += int((chose == 0).sum())
+                stats.select_rows_focused += int((chose == 2).sum())
         return new_lens
 
     def _kept(
@@ -536,6 +542,7 @@ class SparqScorer:
         rows_out: torch.Tensor,
         stamps: torch.Tensor | None = None,
         layer: int = 0,
+        focus: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows' kept blocks (sinks, recent window, the top masses up to the budget:
         :func:`~vllm_utio.kv_selection.select_blocks` without ``top_p`` or held blocks)
@@ -543,9 +550,11 @@ class SparqScorer:
         With ``stamps`` (``[r, max_blocks]`` int32, updated in place; ``select_every_steps``
         > 1) a row chooses only on its turn at ``layer`` and otherwise reads the blocks its
         last choice there kept (spec: :func:`~vllm_utio.kv_selection.chooses_now` and
-        :func:`~vllm_utio.kv_selection.reused_blocks`). Returns the rows' restricted
+        :func:`~vllm_utio.kv_selection.reused_blocks`); ``focus`` (``[r]`` int32, updated
+        in place) is the rows' shared focus length (``focus_mass``, spec:
+        :func:`~vllm_utio.kv_selection.finds_focus`). Returns the rows' restricted
         lengths (:func:`~vllm_utio.kv_selection.restrict_rows`) and, with ``stamps``,
-        which rows chose."""
+        per row 0 (reused its last choice), 1 (chose on its turn) or 2 (chose, focused)."""
         args = (
             *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
             *self._choice_args(policy),
@@ -554,7 +563,11 @@ class SparqScorer:
         )
         if stamps is None:
             return self.op.sparq_restrict(*args), None
-        return self.op.sparq_restrict_steps(*args, stamps, policy.select_every_steps, layer)
+        if focus is None:
+            raise ValueError("select_every_steps needs the rows' focus state with their stamps")
+        return self.op.sparq_restrict_steps(
+            *args, stamps, policy.select_every_steps, layer, focus, policy.focus_mass or 0.0
+        )
 
     def _choice_args(self, policy: AttentionPolicy) -> tuple[int, int, int]:
         """The op's sink blocks, recent-window tokens and budget blocks of ``policy``."""
