@@ -34,6 +34,8 @@ UTIO_COUNTERS = (
     "kv_tokens_dense",  # ... and what dense attention would have read
     "select_s",  # policy 'select': bounds, top-k, per-layer metadata
     "summary_s",  # policy 'select': folding written keys into block summaries
+    "select_rows_reused",  # 'select_every_steps': row-layers that reused a choice
+    "select_rows_focused",  # ... that chose off their turn ('focus_mass')
 )
 
 
