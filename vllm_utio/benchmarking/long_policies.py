@@ -92,28 +92,6 @@ POLICIES: dict[str, dict[str, Any]] = {
         "scoring": "sparq",
         "select_every_steps": 8,
     },
-    # every 8th step, but a row whose choice finds a far block holding >= 40% (30%) of a
-    # head's attention chooses at every layer while it reads there (a fact, a copy): in
-    # 8k text continuation 0.6 (1.5) more layers per token choose, in retrieval answers
-    # 16 (20) of the 23 that would reuse
-    "sparq1536s8f4": {
-        "policy": "select",
-        "sink_tokens": 128,
-        "recent_tokens": 256,
-        "budget_tokens": 1536,
-        "scoring": "sparq",
-        "select_every_steps": 8,
-        "focus_mass": 0.4,
-    },
-    "sparq1536s8f3": {
-        "policy": "select",
-        "sink_tokens": 128,
-        "recent_tokens": 256,
-        "budget_tokens": 1536,
-        "scoring": "sparq",
-        "select_every_steps": 8,
-        "focus_mass": 0.3,
-    },
     # adaptive: stop once the kept blocks hold 90% of the estimated attention mass
     "select1024p90": {
         "policy": "select",
@@ -123,6 +101,12 @@ POLICIES: dict[str, dict[str, Any]] = {
         "top_p": 0.9,
     },
 }
+# every 8th step, but a row whose choice finds a far block holding >= 40% (30%) of a
+# head's attention chooses at every layer while it reads there (a fact, a copy): at 8k
+# they kept 11 (12) of dense's 12 facts where sparq1536s8 kept 9
+# (docs/results/2026-12-05/focus)
+POLICIES["sparq1536s8f4"] = {**POLICIES["sparq1536s8"], "focus_mass": 0.4}
+POLICIES["sparq1536s8f3"] = {**POLICIES["sparq1536s8"], "focus_mass": 0.3}
 SMALL_PAGES = "utio-small-pages"  # engine key: the forced engine, kv_huge_pages off
 SMALL_PAGES_SUFFIX = "-small-pages"  # its cases: the forced engine's, renamed
 DEFAULT_BLOCK_SIZE = 128  # vLLM CPU default; select finds facts better with 32 (--block-size)

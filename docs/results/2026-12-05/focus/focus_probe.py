@@ -23,14 +23,7 @@ from vllm_utio.evaluation.long_quality import concatenated_ids, held_out_texts
 from vllm_utio.evaluation.retrieval import make_cases
 from vllm_utio.paths import default_model_dir
 
-BASE = {
-    "policy": "select",
-    "sink_tokens": 128,
-    "recent_tokens": 256,
-    "budget_tokens": 1536,
-    "scoring": "sparq",
-    "select_every_steps": 8,
-}
+BASE = lp.POLICIES["sparq1536s8"]  # select_every_steps 8, budget 1536
 
 
 def main() -> None:
