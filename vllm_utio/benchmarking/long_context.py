@@ -95,11 +95,12 @@ def measure(
             sample["select_ms"] = 1e3 * (u["select_s"] + u["summary_s"]) / sample["decode_steps"]
             sample["select_share"] = sample["select_ms"] / step if step else None
         decode_rows = len(prompts) * sample["decode_steps"]
-        if decode_rows and u.get("select_rows_reused"):
+        reused, focused = u["select_rows_reused"], u["select_rows_focused"]
+        if decode_rows and (reused or focused):
             # select_every_steps: layers per decode token that reused a choice, and that
             # chose off their turn because the row was focused (focus_mass)
-            sample["reused_per_token"] = u["select_rows_reused"] / decode_rows
-            sample["focused_per_token"] = u.get("select_rows_focused", 0) / decode_rows
+            sample["reused_per_token"] = reused / decode_rows
+            sample["focused_per_token"] = focused / decode_rows
         if decode_rows:
             # every row at level >= 1 was a decode row under the bucket's sparse policy
             sample["sparse_share"] = min(1.0, sum(u["rows_per_level"][1:]) / decode_rows)

@@ -425,9 +425,8 @@ class QueryAwareSelector:
                 scale,
                 table_out,
                 rows.local_t[mask],
-                stamps,
+                None if stamps is None else (stamps, focus),
                 choice_turn(index, policy.select_every),
-                focus,
             )
             if stamps is not None:
                 if not isinstance(held_rows, slice):
@@ -540,31 +539,30 @@ class SparqScorer:
         scale: float,
         table_out: torch.Tensor,
         rows_out: torch.Tensor,
-        stamps: torch.Tensor | None = None,
+        steps: tuple[torch.Tensor, torch.Tensor] | None = None,
         layer: int = 0,
-        focus: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The rows' kept blocks (sinks, recent window, the top masses up to the budget:
         :func:`~vllm_utio.kv_selection.select_blocks` without ``top_p`` or held blocks)
         written in logical order into ``table_out`` at rows ``rows_out``, in one op call.
-        With ``stamps`` (``[r, max_blocks]`` int32, updated in place; ``select_every_steps``
-        > 1) a row chooses only on its turn at ``layer`` and otherwise reads the blocks its
-        last choice there kept (spec: :func:`~vllm_utio.kv_selection.chooses_now` and
-        :func:`~vllm_utio.kv_selection.reused_blocks`); ``focus`` (``[r]`` int32, updated
-        in place) is the rows' shared focus length (``focus_mass``, spec:
-        :func:`~vllm_utio.kv_selection.finds_focus`). Returns the rows' restricted
-        lengths (:func:`~vllm_utio.kv_selection.restrict_rows`) and, with ``stamps``,
-        per row 0 (reused its last choice), 1 (chose on its turn) or 2 (chose, focused)."""
+        With ``steps`` = (stamps ``[r, max_blocks]``, focus ``[r]``), both int32 and updated
+        in place (``select_every_steps`` > 1), a row chooses only on its turn at ``layer``
+        and otherwise reads the blocks its last choice there kept (spec:
+        :func:`~vllm_utio.kv_selection.chooses_now` and
+        :func:`~vllm_utio.kv_selection.reused_blocks`); focus is the rows' shared focus
+        length (``focus_mass``, spec: :func:`~vllm_utio.kv_selection.finds_focus`).
+        Returns the rows' restricted lengths
+        (:func:`~vllm_utio.kv_selection.restrict_rows`) and, with ``steps``, per row 0
+        (reused its last choice), 1 (chose on its turn) or 2 (chose, focused)."""
         args = (
             *self._op_args(query, kv_cache, table, seq_lens, policy, scale),
             *self._choice_args(policy),
             table_out,
             rows_out,
         )
-        if stamps is None:
+        if steps is None:
             return self.op.sparq_restrict(*args), None
-        if focus is None:
-            raise ValueError("select_every_steps needs the rows' focus state with their stamps")
+        stamps, focus = steps
         return self.op.sparq_restrict_steps(
             *args, stamps, policy.select_every_steps, layer, focus, policy.focus_mass or 0.0
         )
