@@ -219,3 +219,22 @@ def test_sparq_restrict_steps_equals_the_spec_over_steps(focused: bool):
         assert sum(focus_steps) == 0
     else:  # some rows chose off their turn, not every row at every step
         assert 0 < sum(focus_steps) < 3 * 8
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load():
+    """torch's loader waits while its build 'lock' file exists; one left by a killed build
+    must be cleared, not waited on forever (a fresh process loads the ops within a bound)."""
+    import subprocess
+    import sys
+
+    from vllm_utio import cpu_ops
+    from vllm_utio.paths import cache_dir
+
+    cpu_ops.load()  # built (or loaded) here first, so the child only loads
+    stale = cache_dir() / "ops" / cpu_ops.build_name() / "lock"
+    stale.touch()
+    code = "from vllm_utio import cpu_ops; cpu_ops.load(); print('loaded')"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "loaded" in done.stdout
+    assert not stale.exists()

@@ -8,6 +8,7 @@ ninja (both installed by set-up); it takes about a minute once.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 from pathlib import Path
@@ -22,6 +23,7 @@ HEADERS = ("sparq_avx512.h", "avx512_math.h")  # not compiled on their own; in t
 # -ffast-math: vectorized expf and float reassociation; the op ranks blocks, no result
 # depends on the last bit (its test compares with the spec at a tolerance)
 FLAGS = ("-O3", "-march=native", "-ffast-math")
+FLOCK_NAME = "utio-build.flock"  # held while loading or building (see load)
 
 
 def _cpu_flags() -> str:
@@ -55,10 +57,19 @@ def load() -> ModuleType:
     if not any(build.glob("*.so")):
         logger.info("UTIO: compiling its CPU ops into %s (once, about a minute)", build)
     here = Path(__file__).parent
-    return load_extension(
-        name=name,
-        sources=[str(here / s) for s in SOURCES],
-        extra_cflags=list(FLAGS),
-        build_directory=str(build),
-        verbose=False,
-    )
+    # torch's loader guards a build with a plain 'lock' file that a killed build leaves
+    # behind, and every later load then waits on it forever; an flock dies with its holder,
+    # so whoever holds it knows any 'lock' file is stale
+    with open(build / FLOCK_NAME, "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            logger.warning("UTIO: removing %s, left by an ops build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        return load_extension(
+            name=name,
+            sources=[str(here / s) for s in SOURCES],
+            extra_cflags=list(FLAGS),
+            build_directory=str(build),
+            verbose=False,
+        )
