@@ -1,10 +1,11 @@
-"""Steps with nothing UTIO-specific run vLLM's own compiled model (zero overhead).
+"""Steps with nothing UTIO-specific run vLLM's own compiled model (zero overhead); routed
+steps run the layer loop with a compiled layer body.
 
 One compiled engine (no ``enforce_eager``: vLLM's CPU default, a dynamo-traced and
-inductor-compiled model) with UTIO on at full depth, 32-token KV blocks and one
-full-depth bucket whose decode tokens read KV blocks chosen per layer (``select``), and
-the shared eager forced engine, whose all-full-depth steps take vLLM's model too while a
-routed row takes the layer loop.
+inductor-compiled model) with UTIO on, 32-token KV blocks, a shallow bucket (layers 12-19
+skipped) and a full-depth bucket whose decode tokens read KV blocks chosen per layer
+(``select``), and the shared eager forced engine, whose all-full-depth steps take vLLM's
+model too while a routed row takes the (eager) layer loop.
 """
 
 from __future__ import annotations
@@ -47,7 +48,11 @@ def _run(llm, prompts, extra_args: list[dict] | None = None):
 
 
 SELECT = {"policy": "select", "sink_tokens": 32, "recent_tokens": 64, "budget_tokens": 256}
-BUCKETS = [{"name": "select", "max_score": 0.5, "keep_first": 30, "attention": SELECT}]
+BUCKETS = [
+    {"name": "shallow", "max_score": 0.3, "keep_first": 12, "keep_last": 10},
+    # every layer (12 + 18), written so the shallow plan nests in it
+    {"name": "select", "max_score": 0.5, "keep_first": 12, "keep_last": 18, "attention": SELECT},
+]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,75 @@ def test_select_steps_run_the_compiled_model(compiled_llm):
     # decode tokens past the 256-position budget read about 256 positions at 28 layers
     assert stats["kv_tokens_read"] < 0.6 * stats["kv_tokens_dense"], stats
     assert (after["graphs"], after["compiles"]) == (before["graphs"], before["compiles"])
+
+
+def _body_facts(worker) -> dict:
+    """The compiled layer body's layer runs, and its pieces checked against eager ones on
+    the real layers (no attention: pre and post only)."""
+    import torch
+
+    from vllm_utio.integration.layer_body import _post_attention, _pre_attention
+
+    runner = worker.model_runner
+    body = runner._utio_executor.stack.body
+    if body is None:
+        return {"compiled": False}
+    layers = runner._utio_executor.stack.layers
+    gen = torch.Generator().manual_seed(0)
+    width = layers[0].input_layernorm.weight.shape[0]
+    errors = []
+    with torch.inference_mode():
+        for n in (1, 5):
+            positions = torch.arange(100, 100 + n)
+            hidden = torch.randn(n, width, generator=gen).to(torch.bfloat16)
+            residual = torch.randn(n, width, generator=gen).to(torch.bfloat16)
+            for layer in (layers[0], layers[17]):
+                want = _pre_attention(layer, positions, hidden, residual)
+                got = body._pre(layer, positions, hidden, residual)
+                errors += [
+                    float((g.float() - w.float()).abs().max() / w.float().abs().max())
+                    for g, w in zip(got, want, strict=True)
+                ]
+                attn_out = torch.randn(n, want[0].shape[1], generator=gen).to(torch.bfloat16)
+                want = _post_attention(layer, attn_out, residual)
+                got = body._post(layer, attn_out, residual)
+                errors += [
+                    float((g.float() - w.float()).abs().max() / w.float().abs().max())
+                    for g, w in zip(got, want, strict=True)
+                ]
+    return {"compiled": True, "calls": body.calls, "max_rel_error": max(errors)}
+
+
+def test_routed_steps_run_the_compiled_layer_body_without_recompiling(compiled_llm):
+    """Rows below full depth take the layer loop; its layers run the compiled body (one
+    graph for all layers, compiled at load), and varying batch sizes and mixes of routed
+    and full-depth rows compile nothing new."""
+    shallow = {"utio_bucket": "shallow"}
+    _run(compiled_llm, PROMPTS[:2], [shallow, {}])  # warm-up of this engine's loop paths
+    body0 = compiled_llm.collective_rpc(_body_facts)[0]
+    before = compiled_llm.collective_rpc(_compile_facts)[0]
+    stats0 = compiled_llm.collective_rpc("utio_stats")[0]
+    assert body0["compiled"], "compiled engine's layer loop should run the compiled body"
+    for n in (1, 3, len(PROMPTS)):
+        _run(compiled_llm, PROMPTS[:n], [shallow if i % 2 == 0 else {} for i in range(n)])
+    after = compiled_llm.collective_rpc(_compile_facts)[0]
+    body = compiled_llm.collective_rpc(_body_facts)[0]
+    stats = compiled_llm.collective_rpc("utio_stats")[0]
+    routed = stats["routed_steps"] - stats0["routed_steps"]
+    assert routed >= 3 * (MAX_TOKENS - 1)
+    # every layer a routed step runs went through the compiled pieces (30 or 22 per step)
+    assert body["calls"] - body0["calls"] >= 22 * routed
+    assert (after["graphs"], after["compiles"]) == (before["graphs"], before["compiles"])
+    # the compiled pieces compute what the eager layer code does, within bf16 rounding
+    # (inductor fuses the norms, RoPE and activation, so the rounding points differ)
+    assert body["max_rel_error"] < 0.02, body
+
+
+def _has_compiled_body(worker) -> bool:
+    return worker.model_runner._utio_executor.stack.body is not None
+
+
+def test_layer_loop_auto_stays_eager_under_enforce_eager(forced_llm, compiled_llm):
+    """``layer_loop: auto`` compiles the loop's layers only where vLLM compiles its model."""
+    assert forced_llm.collective_rpc(_has_compiled_body) == [False]
+    assert compiled_llm.collective_rpc(_has_compiled_body) == [True]

@@ -398,6 +398,14 @@ class UtioConfig(_Strict):
         description="'prefix': deepest-first batch order, contiguous sub-batches; "
         "'gather': gather/scatter rows in any order (for backends that fix the order).",
     )
+    layer_loop: Literal["auto", "compiled", "eager"] = Field(
+        default="auto",
+        description="How the layer loop (steps with a row below full depth or a signal "
+        "taken mid-forward) runs a decoder layer: 'compiled', its parts around attention as "
+        "one torch.compile'd graph shared by all layers (compiled while the engine loads); "
+        "'eager', vLLM's layer module as is; 'auto', compiled unless vLLM's own model runs "
+        "eagerly (enforce_eager). Models whose layers change the Llama forward run eagerly.",
+    )
     kv_policy: Literal["frozen_state"] = Field(
         default="frozen_state",
         description="What skipped layers write into the paged KV cache.",

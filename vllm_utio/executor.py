@@ -7,6 +7,10 @@ written from their frozen residual stream. Rows rejoining the tail after a skipp
 span (or reaching the final norm after truncation) pass through their level's exit
 correction. Output: final-normed hidden states for every token, in the step's order.
 
+Layers run in segments: consecutive layers on the same rows with no rejoin or routing
+decision between them are one call of the decoder stack (with the compiled layer body,
+one compiled piece per layer between attention calls).
+
 K/V fill: a level's whole skipped span is filled at once, where the span starts, by one
 fused projection (:mod:`vllm_utio.integration.kv_fill`); a span that cannot be fused (its
 layers differ), or whose rows a mid-forward router may still change, is filled layer by
@@ -114,8 +118,10 @@ class DepthExecutor:
         skips: dict[int, torch.Tensor | slice | None] = {}
         residual: torch.Tensor | None = None
         fused = self._fused_levels(plan)
-        for layer in range(self.stack.num_layers):
+        layer = 0
+        while layer < self.stack.num_layers:
             n = self._running[layer]
+            end = self._segment_end(layer, plan)
             if n not in subs:
                 t0 = time.perf_counter()
                 subs[n], skips[n] = self._sub_batches_for(n, plan)
@@ -125,23 +131,38 @@ class DepthExecutor:
                 for level in self._rejoins.get(layer, ()):
                     self._correct(level, hidden, residual, plan)
                 if skips[n] is not None:
-                    result.kv_fill_layer_tokens += self._fill_nested(
-                        layer, n, hidden, residual, positions, skips[n], plan, fused
-                    )
-            if sub.num_tokens == 0:
-                continue
-            hidden, residual = self._run_layer(
-                layer, sub, hidden, residual, positions, plan, result
-            )
-            if plan.route_mid is not None and layer == plan.route_layer:
+                    # skipping rows' streams are frozen over the segment: fill them first
+                    for skipped in range(layer, end):
+                        result.kv_fill_layer_tokens += self._fill_nested(
+                            skipped, n, hidden, residual, positions, skips[n], plan, fused
+                        )
+            if sub.num_tokens:
+                hidden, residual = self._run_segment(
+                    range(layer, end), sub, hidden, residual, positions, plan, result
+                )
+            if plan.route_mid is not None and end - 1 == plan.route_layer:
                 last = torch.as_tensor(plan.query_start_loc[1:] - 1, device=hidden.device)
                 plan.levels = plan.route_mid(hidden[last] + residual[last])
                 subs.clear()  # sub-batches from here on follow the new levels
                 skips.clear()
+            layer = end
         for level in self._rejoins.get(self.stack.num_layers, ()):
             self._correct(level, hidden, residual, plan)
         result.hidden = self.stack.final_norm(hidden, residual)
         return result
+
+    def _segment_end(self, start: int, plan: StepPlan) -> int:
+        """End of the run of layers from ``start`` on the same rows with nothing between
+        them (no rows rejoining, no routing decision): one call of the layer body."""
+        end = start + 1
+        while (
+            end < self.stack.num_layers
+            and self._running[end] == self._running[start]
+            and end not in self._rejoins
+            and not (plan.route_mid is not None and end - 1 == plan.route_layer)
+        ):
+            end += 1
+        return end
 
     def _sub_batches_for(self, n: int, plan: StepPlan):
         """Sub-batch of rows at levels < n, and the token selector of the others."""
@@ -152,25 +173,22 @@ class DepthExecutor:
         sub = plan.make_sub_batch(running) if len(running) else _empty_sub(running)
         return sub, _selector(skipped, plan.query_start_loc)
 
-    def _run_layer(self, layer, sub: SubBatch, hidden, residual, positions, plan, result):
-        capture = layer == self.heat_layer
+    def _run_segment(self, layers: range, sub: SubBatch, hidden, residual, positions, plan, result):
+        capture = self.heat_layer in layers
         sink: dict[str, Any] = {}
         with (
             plan.use_sub_batch(sub),
-            self.stack.capture_attention(layer, sink) if capture else nullcontext(),
+            self.stack.capture_attention(self.heat_layer, sink) if capture else nullcontext(),
         ):
             if sub is plan.full:
-                hidden, residual = self.stack.run_layer(layer, positions, hidden, residual)
+                hidden, residual = self.stack.run_layers(layers, positions, hidden, residual)
             else:
-                sel = _device_sel(sub.tokens, hidden.device)
-                h_out, r_out = self.stack.run_layer(
-                    layer,
-                    _take(positions, sel),
-                    _take(hidden, sel),
-                    _take(residual, sel) if residual is not None else None,
-                )
                 if residual is None:  # layer 0 always runs every row, so never here
                     raise RuntimeError("UTIO: layer 0 must run every row")
+                sel = _device_sel(sub.tokens, hidden.device)
+                h_out, r_out = self.stack.run_layers(
+                    layers, _take(positions, sel), _take(hidden, sel), _take(residual, sel)
+                )
                 _put(hidden, sel, h_out)
                 _put(residual, sel, r_out)
         if capture:

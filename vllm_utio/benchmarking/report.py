@@ -211,7 +211,35 @@ def time_model_section(results: dict[str, Any]) -> list[str]:
             f"| {r['config']} | {r['batch']} | {r['prompt_len']} | "
             f"{r['predicted_step_ms']:.1f} | {r['measured_step_ms']:.1f} | {_fmt(ratio, '.2f')} |"
         )
-    return [*lines, ""]
+    return [*lines, "", *speedup_section(model["table"])]
+
+
+def speedup_section(table: list[dict[str, Any]], full: str = "utio-full") -> list[str]:
+    """Each config's speed-up over full depth (same engine kind, vLLM's model): what the
+    fitted model predicts from the layer-tokens it saves, and what was measured."""
+    by_key = {(r["config"], r["batch"], r["prompt_len"]): r for r in table}
+    rows = []
+    for r in sorted(table, key=lambda r: (r["prompt_len"], r["batch"], r["config"])):
+        ref = by_key.get((full, r["batch"], r["prompt_len"]))
+        if r["config"] == full or ref is None or not r["predicted_step_ms"]:
+            continue
+        predicted = ref["predicted_step_ms"] / r["predicted_step_ms"]
+        measured = ref["measured_step_ms"] / r["measured_step_ms"]
+        rows.append(
+            f"| {r['config']} | {r['batch']} | {r['prompt_len']} | {predicted:.2f}x | "
+            f"{measured:.2f}x | {measured / predicted:.0%} |"
+        )
+    if not rows:
+        return []
+    return [
+        f"Speed-up over `{full}` (decode step ms): predicted by the fitted model from the "
+        "layer-tokens each config saves (and the K/V fills it adds), and measured:",
+        "",
+        "| config | batch | prompt | predicted | measured | measured / predicted |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
 
 
 def render(results: dict[str, Any], out_dir: Path) -> Path:

@@ -40,6 +40,10 @@ def engines(quick: bool, artifact: str | None = None) -> dict[str, EngineSpec]:
         surrogate = {"enabled": True, "router": "surrogate", "buckets": SURROGATE_BUCKETS}
         specs["utio-surrogate"] = EngineSpec(surrogate)
         specs["utio-per-bucket"] = EngineSpec({**surrogate, "schedule": "per_bucket"})
+        # the same plans with the layer loop's layers run eagerly (before the compiled body)
+        specs["utio-forced-eager-loop"] = EngineSpec(
+            {**specs["utio-forced"].utio, "layer_loop": "eager"}
+        )
     if artifact is not None:
         calibrated = {"enabled": True, "artifact": artifact}
         specs["utio-calibrated"] = EngineSpec(calibrated)
@@ -84,6 +88,12 @@ def configs(quick: bool) -> list[BenchConfig]:
             "utio-forced",
             "skip2",
             "static baseline: every decode token skips layers 14-15 (2 of 30, 6.7%)",
+        ),
+        BenchConfig(
+            "utio-skip6-eager-loop",
+            "utio-forced-eager-loop",
+            "skip6",
+            "as utio-skip6, the layer loop's layers run eagerly (layer_loop 'eager')",
         ),
         BenchConfig(
             "utio-surrogate",

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vllm_utio.integration.kv_fill import SpanKVFill, build_span_fill
+from vllm_utio.integration.layer_body import CompiledLayerBody
 
 
 class UnsupportedModelError(RuntimeError):
@@ -29,6 +30,9 @@ class UnsupportedModelError(RuntimeError):
 class DecoderStack:
     model: nn.Module  # the inner LlamaModel-like module
     layers: list[nn.Module]
+    # runs layers with their attention-free parts compiled (None: the layer modules
+    # themselves, eagerly); see layer_body
+    body: CompiledLayerBody | None = None
     # learned K positions within a cache block, per (cache shape, dtype); see key_offsets
     _key_offsets: dict[tuple, torch.Tensor | None] = field(default_factory=dict, repr=False)
 
@@ -73,7 +77,17 @@ class DecoderStack:
         return inputs_embeds if inputs_embeds is not None else self.model.embed_input_ids(input_ids)
 
     def run_layer(self, index: int, positions, hidden, residual):
-        return self.layers[index](positions, hidden, residual)
+        return self.run_layers(range(index, index + 1), positions, hidden, residual)
+
+    def run_layers(self, indices: range, positions, hidden, residual):
+        """Consecutive layers ``indices`` on the same tokens (the compiled body fuses one
+        layer's tail with the next one's head)."""
+        if self.body is not None:
+            layers = [self.layers[i] for i in indices]
+            return self.body.run_layers(layers, positions, hidden, residual)
+        for i in indices:
+            hidden, residual = self.layers[i](positions, hidden, residual)
+        return hidden, residual
 
     def final_norm(self, hidden, residual) -> torch.Tensor:
         out, _ = self.model.norm(hidden, residual)

@@ -42,6 +42,7 @@ from vllm_utio.integration.attention import (
     build_sub_batch,
 )
 from vllm_utio.integration.decode_kernel import install_for_all_steps
+from vllm_utio.integration.layer_body import make_layer_body
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.integration.select_attention import QueryAwareSelector
 from vllm_utio.integration.self_draft import SelfDrafter
@@ -111,6 +112,10 @@ class UtioRunnerMixin:
         cfg = self.utio_cfg
         stack = DecoderStack.from_causal_lm(self.model)
         num_layers = stack.num_layers
+        stack.body = make_layer_body(stack.layers, cfg.layer_loop, self.vllm_config)
+        if stack.body is not None:
+            seconds = stack.body.warm_up(stack.layers, self.model_config.dtype, self.device)
+            logger.info("UTIO: compiled the layer loop's body in %.1f s", seconds)
         cfg.check_against_model(num_layers)
         self.utio_plans = PlanSet.from_config(cfg, num_layers)
         self.utio_stats = UtioStats.for_levels([p.name for p in self.utio_plans.plans])
@@ -143,12 +148,14 @@ class UtioRunnerMixin:
             self._utio_drafter = SelfDrafter(self, cfg.speculate, level)
             self._utio_draft_stats = UtioStats.for_levels(self.utio_stats.level_names)
         logger.info(
-            "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s",
+            "UTIO enabled: %d layers, levels %s, router=%s, schedule=%s, execution=%s, "
+            "layer loop=%s",
             num_layers,
             [(p.name, p.num_run) for p in self.utio_plans.plans],
             cfg.router,
             cfg.schedule,
             self._utio_execution(),
+            "compiled" if stack.body is not None else "eager",
         )
 
     def _utio_route_mid(self, stream: torch.Tensor) -> np.ndarray:
