@@ -137,3 +137,54 @@ def test_attach_quality_maps_reports_to_configs():
     assert data["quality"]["utio-full"]["greedy_agreement"] == 0.25
     assert "other" not in data["quality"]
     results.validate(data)
+
+
+def test_time_model_recovers_known_costs_and_predicts_speedups():
+    """Step times made from known per-layer, per-row, per-token and fill costs: the fit
+    recovers them, and the speed-up table compares each plan with full depth."""
+    import numpy as np
+
+    from vllm_utio.benchmarking.time_model import FEATURES, features, fit
+
+    levels = [
+        {"name": "full", "keep_first": 30, "keep_last": 0},
+        {"name": "skip6", "keep_first": 13, "keep_last": 11},
+        {"name": "skip2", "keep_first": 14, "keep_last": 14},
+    ]
+    true = np.array([3.0, 0.05, 0.3, 0.02, 0.01, 0.1, 0.004])
+    configs = [
+        {"name": name, "levels": levels, "num_layers": 30} for name in ("utio-full", "a", "b")
+    ]
+    mix = {"utio-full": [1.0, 0.0, 0.0], "a": [0.0, 1.0, 0.0], "b": [0.5, 0.0, 0.5]}
+    samples = []
+    for batch in (1, 8, 32, 128):
+        for prompt in (64, 512):
+            for name, share in mix.items():
+                rows = [batch * f for f in share]
+                x = features(rows, levels, 30, prompt + 32)
+                steps = 64
+                per_level = [r * steps for r in rows]
+                per_level[0] += batch  # the prefill step counts every row at full depth
+                utio = {"rows_per_level": per_level}
+                samples.append(
+                    {
+                        "config": name,
+                        "batch": batch,
+                        "prompt_len": prompt,
+                        "decode_steps": steps,
+                        "utio": utio,
+                        "step_ms": float(x @ true),
+                    }
+                )
+    model = fit({"configs": configs, "samples": samples, "settings": {"output_len": 64}})
+    got = dict(zip(FEATURES, true, strict=True))
+    # per_row, layer_row and fill_row are collinear (each row runs or skips every layer),
+    # so only the others are identifiable; predictions are exact either way
+    for name in ("fixed", "layer", "layer_row_token", "fill"):
+        assert model["coefficients_ms"][name] == pytest.approx(got[name], abs=1e-6)
+    assert model["r2"] > 0.999999
+    for row in model["table"]:
+        assert row["predicted_step_ms"] == pytest.approx(row["measured_step_ms"], rel=1e-9)
+    lines = report.speedup_section(model["table"])
+    a_b1 = next(line for line in lines if line.startswith("| a | 1 | 64 |"))
+    assert a_b1.endswith("| 100% |")  # measured equals predicted on exact data

@@ -194,8 +194,9 @@ def time_model_section(results: dict[str, Any]) -> list[str]:
     lines = [
         "## Where the time goes (fitted time model)",
         "",
-        "step ms = fixed + per_row·B + Σ_layers run (layer + layer_row·rows) + "
-        "Σ_layers skipped (fill + fill_row·rows), least squares over all UTIO samples "
+        "step ms = fixed + per_row·B + Σ_layers run (layer + layer_row·rows + "
+        "layer_row_token·rows·context/1000) + Σ_layers skipped (fill + fill_row·rows), "
+        "context = prompt + half the output, least squares over all UTIO samples "
         f"(R² = {_fmt(model['r2'], '.3f')}):",
         "",
         "| " + " | ".join(c) + " |",

@@ -3,13 +3,17 @@
 Per decode step with ``B`` rows, where ``n_l`` rows run layer ``l`` and ``m_l`` rows skip
 it (and so get the K/V fill):
 
-    step_ms = c0 + c1 * B + sum_l [n_l > 0] * (a0 + a1 * n_l) + sum_l [m_l > 0] * (f0 + f1 * m_l)
+    step_ms = c0 + c1 * B + sum_l [n_l > 0] * (a0 + a1 * n_l + a2 * n_l * T)
+              + sum_l [m_l > 0] * (f0 + f1 * m_l)
 
-``c`` is the fixed per-step cost, ``a`` a layer's cost (per sub-batch plus per row), ``f``
-the cost of writing a skipped layer's K/V. It is fitted by least squares on every UTIO
-sample (vanilla runs a different, compiled code path, so it only serves as the speedup
-reference). The model then predicts each configuration's step time from its level sizes;
-a measured speedup below the predicted one points at overhead the model does not see.
+``c`` is the fixed per-step cost, ``a`` a layer's cost (per sub-batch, per row, and per
+row and cached token: attention reads a row's ``T`` tokens of context, the prompt plus
+half the output on average), ``f`` the cost of writing a skipped layer's K/V. It is
+fitted by least squares on every UTIO sample (full-depth samples run vLLM's compiled
+model, shallow ones the layer loop with its compiled body; vanilla only serves as the
+speedup reference). The model then predicts each configuration's step time from its
+level sizes; a measured speedup below the predicted one points at overhead the model
+does not see (the loop's own, beyond the layers it runs).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-FEATURES = ("fixed", "per_row", "layer", "layer_row", "fill", "fill_row")
+FEATURES = ("fixed", "per_row", "layer", "layer_row", "layer_row_token", "fill", "fill_row")
 
 
 def decode_level_rows(sample: dict[str, Any]) -> list[float] | None:
@@ -32,7 +36,10 @@ def decode_level_rows(sample: dict[str, Any]) -> list[float] | None:
     return [max(0.0, r) / steps for r in rows]
 
 
-def features(level_rows: list[float], levels: list[dict], num_layers: int) -> np.ndarray:
+def features(
+    level_rows: list[float], levels: list[dict], num_layers: int, context: float = 0.0
+) -> np.ndarray:
+    """The model's features of one decode step; ``context``: a row's mean cached tokens."""
     batch = sum(level_rows)
     x = np.zeros(len(FEATURES))
     x[0], x[1] = 1.0, batch
@@ -46,9 +53,10 @@ def features(level_rows: list[float], levels: list[dict], num_layers: int) -> np
         if running > 0:
             x[2] += 1.0
             x[3] += running
+            x[4] += running * context / 1000.0  # per thousand cached tokens
         if skipped > 0:
-            x[4] += 1.0
-            x[5] += skipped
+            x[5] += 1.0
+            x[6] += skipped
     return x
 
 
@@ -61,7 +69,8 @@ def fit(results: dict[str, Any]) -> dict[str, Any] | None:
         level_rows = decode_level_rows(s)
         if cfg is None or not cfg.get("levels") or level_rows is None or not s["step_ms"]:
             continue
-        rows.append(features(level_rows, cfg["levels"], cfg["num_layers"]))
+        context = s["prompt_len"] + results["settings"].get("output_len", 0) / 2
+        rows.append(features(level_rows, cfg["levels"], cfg["num_layers"], context))
         targets.append(s["step_ms"])
         keys.append((s["config"], s["batch"], s["prompt_len"]))
     if len(rows) < len(FEATURES):

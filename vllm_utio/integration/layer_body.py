@@ -13,10 +13,12 @@ attention call:
   and forward hooks (attention capture) work as in vLLM's model;
 - ``post``: output projection, post-attention norm, MLP.
 
-``pre`` and ``post`` are ``torch.compile``d with dynamic token counts. The layer module
-is an argument: dynamo inlines ``nn.Module``s, so parameters are graph inputs, not
-constants, and all layers share one graph per piece. A layer whose class changes the
-Llama forward runs eagerly (``why_not_compiled``).
+``between`` is one layer's ``post`` and the next layer's ``pre`` in one graph, so a run
+of layers on the same rows (the executor's segment) costs one compiled call per layer.
+The pieces are ``torch.compile``d with dynamic token counts. The layer module is an
+argument: dynamo inlines ``nn.Module``s, so parameters are graph inputs, not constants,
+and all layers share one graph per piece (per size class). Layers whose class changes
+the Llama forward, or that differ from each other, run eagerly (``why_not_compiled``).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def why_not_compiled(layers: list[nn.Module]) -> str | None:
 
 def layer_signature(layer: nn.Module) -> list[tuple]:
     """What a compiled graph of ``layer`` bakes in: each submodule's type, its parameters'
-    shapes and dtypes, and its plain settings (sizes, epsilons, flags). Names and the
+    and buffers' shapes and dtypes, and its plain settings (sizes, epsilons, flags). Names and the
     attention module (called outside the graphs) are left out."""
     from vllm.model_executor.layers.attention import Attention
 
@@ -82,13 +84,14 @@ def layer_signature(layer: nn.Module) -> list[tuple]:
     for name, module in layer.named_modules():
         if isinstance(module, Attention):
             continue
-        params = [(n, tuple(p.shape), p.dtype) for n, p in module.named_parameters(recurse=False)]
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        shapes = [(n, tuple(t.shape), t.dtype) for n, t in tensors]
         plain = sorted(
             (k, v)
             for k, v in vars(module).items()
             if isinstance(v, int | float | bool | tuple) and not k.startswith("_")
         )
-        out.append((name, type(module), params, plain))
+        out.append((name, type(module), shapes, plain))
     return out
 
 
@@ -110,9 +113,6 @@ class CompiledLayerBody:
         self._post = compiled(_post_attention)
         self._between = compiled(_between_attentions)
         self.calls = 0  # layer runs through the compiled pieces (tests read it)
-
-    def __call__(self, layer: nn.Module, positions, hidden, residual):
-        return self.run_layers([layer], positions, hidden, residual)
 
     def run_layers(self, layers: list[nn.Module], positions, hidden, residual):
         """Consecutive ``layers`` on the same tokens: pre, then per layer attention and
@@ -145,7 +145,7 @@ class CompiledLayerBody:
                     self._pre(layer, positions, hidden, residual)
                 out = torch.zeros(n, width, dtype=dtype, device=device)
                 self._post(layers[-1], out, hidden.clone())
-                self._between(layers[-2], layers[-1], positions, out, hidden.clone())
+                self._between(layers[0], layers[-1], positions, out, hidden.clone())
         return time.perf_counter() - t0
 
 

@@ -112,12 +112,12 @@ class UtioRunnerMixin:
         cfg = self.utio_cfg
         stack = DecoderStack.from_causal_lm(self.model)
         num_layers = stack.num_layers
+        cfg.check_against_model(num_layers)
+        self.utio_plans = PlanSet.from_config(cfg, num_layers)
         stack.body = make_layer_body(stack.layers, cfg.layer_loop, self.vllm_config)
         if stack.body is not None:
             seconds = stack.body.warm_up(stack.layers, self.model_config.dtype, self.device)
             logger.info("UTIO: compiled the layer loop's body in %.1f s", seconds)
-        cfg.check_against_model(num_layers)
-        self.utio_plans = PlanSet.from_config(cfg, num_layers)
         self.utio_stats = UtioStats.for_levels([p.name for p in self.utio_plans.plans])
         corrections: list[Correction | None] = [None]
         hidden_size = self.model_config.get_hidden_size()
