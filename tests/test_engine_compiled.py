@@ -129,11 +129,11 @@ def test_select_steps_run_the_compiled_model(compiled_llm):
 
 
 def _body_facts(worker) -> dict:
-    """The compiled layer body's layer runs, and its pieces checked against eager ones on
-    the real layers (no attention: pre and post only)."""
+    """The compiled layer body's layer runs, and its pieces checked against the eager
+    layer code on the real layers (attention-free: pre, post, and post + next pre)."""
     import torch
 
-    from vllm_utio.integration.layer_body import _post_attention, _pre_attention
+    from vllm_utio.integration import layer_body as lb
 
     runner = worker.model_runner
     body = runner._utio_executor.stack.body
@@ -142,26 +142,30 @@ def _body_facts(worker) -> dict:
     layers = runner._utio_executor.stack.layers
     gen = torch.Generator().manual_seed(0)
     width = layers[0].input_layernorm.weight.shape[0]
+    attn = layers[0].self_attn.attn
     errors = []
+
+    def compare(got, want) -> None:
+        errors.extend(
+            float((g.float() - w.float()).abs().max() / w.float().abs().max())
+            for g, w in zip(got, want, strict=True)
+        )
+
     with torch.inference_mode():
         for n in (1, 5):
             positions = torch.arange(100, 100 + n)
             hidden = torch.randn(n, width, generator=gen).to(torch.bfloat16)
             residual = torch.randn(n, width, generator=gen).to(torch.bfloat16)
-            for layer in (layers[0], layers[17]):
-                want = _pre_attention(layer, positions, hidden, residual)
-                got = body._pre(layer, positions, hidden, residual)
-                errors += [
-                    float((g.float() - w.float()).abs().max() / w.float().abs().max())
-                    for g, w in zip(got, want, strict=True)
-                ]
-                attn_out = torch.randn(n, want[0].shape[1], generator=gen).to(torch.bfloat16)
-                want = _post_attention(layer, attn_out, residual)
-                got = body._post(layer, attn_out, residual)
-                errors += [
-                    float((g.float() - w.float()).abs().max() / w.float().abs().max())
-                    for g, w in zip(got, want, strict=True)
-                ]
+            out = torch.randn(n, attn.num_heads * attn.head_size, generator=gen)
+            out = out.to(torch.bfloat16)
+            # layers 0 and 29 warmed the graphs up at load; 17 and 18 must get their own
+            # weights through the same graphs
+            for layer, after in ((layers[0], layers[1]), (layers[17], layers[18])):
+                args = (layer, positions, hidden, residual)
+                compare(body._pre(*args), lb._pre_attention(*args))
+                compare(body._post(layer, out, residual), lb._post_attention(layer, out, residual))
+                args = (layer, after, positions, out, residual)
+                compare(body._between(*args), lb._between_attentions(*args))
     return {"compiled": True, "calls": body.calls, "max_rel_error": max(errors)}
 
 
