@@ -76,8 +76,8 @@ def why_not_compiled(layers: list[nn.Module]) -> str | None:
 
 def layer_signature(layer: nn.Module) -> list[tuple]:
     """What a compiled graph of ``layer`` bakes in: each submodule's type, its parameters'
-    and buffers' shapes and dtypes, and its plain settings (sizes, epsilons, flags). Names and the
-    attention module (called outside the graphs) are left out."""
+    and buffers' shapes and dtypes, and its plain settings (sizes, epsilons, flags).
+    Names and the attention module (called outside the graphs) are left out."""
     from vllm.model_executor.layers.attention import Attention
 
     out = []
@@ -99,7 +99,6 @@ class CompiledLayerBody:
     """Decoder layers with their attention-free parts compiled; see the module doc."""
 
     def __init__(self, backend: str) -> None:
-        self.backend = backend
         # No guards on the layer modules: dynamo would check every parameter and setting
         # of a layer at each call (~12 us of ~50 here); ``why_not_compiled`` checked once
         # that all layers have the same structure, which is all the graphs depend on
