@@ -129,8 +129,8 @@ def test_select_steps_run_the_compiled_model(compiled_llm):
 
 
 def _body_facts(worker) -> dict:
-    """The compiled layer body's layer runs, and its pieces checked against the eager
-    layer code on the real layers (attention-free: pre, post, and post + next pre)."""
+    """The compiled layer body's layer runs, and its segment graphs checked against the
+    eager layer code on the real layers (attention stubbed: a copy of the query)."""
     import torch
 
     from vllm_utio.integration import layer_body as lb
@@ -142,37 +142,31 @@ def _body_facts(worker) -> dict:
     layers = runner._utio_executor.stack.layers
     gen = torch.Generator().manual_seed(0)
     width = layers[0].input_layernorm.weight.shape[0]
-    attn = layers[0].self_attn.attn
     errors = []
-
-    def compare(got, want) -> None:
-        errors.extend(
-            float((g.float() - w.float()).abs().max() / w.float().abs().max())
-            for g, w in zip(got, want, strict=True)
-        )
-
-    with torch.inference_mode():
+    with torch.inference_mode(), lb.stub_attention():
         for n in (1, 5):
             positions = torch.arange(100, 100 + n)
             hidden = torch.randn(n, width, generator=gen).to(torch.bfloat16)
             residual = torch.randn(n, width, generator=gen).to(torch.bfloat16)
-            out = torch.randn(n, attn.num_heads * attn.head_size, generator=gen)
-            out = out.to(torch.bfloat16)
-            # layers 0 and 29 warmed the graphs up at load; 17 and 18 must get their own
-            # weights through the same graphs
-            for layer, after in ((layers[0], layers[1]), (layers[17], layers[18])):
-                args = (layer, positions, hidden, residual)
-                compare(body._pre(*args), lb._pre_attention(*args))
-                compare(body._post(layer, out, residual), lb._post_attention(layer, out, residual))
-                args = (layer, after, positions, out, residual)
-                compare(body._between(*args), lb._between_attentions(*args))
-    return {"compiled": True, "calls": body.calls, "max_rel_error": max(errors)}
+            # the segments [0, 12) and [12, 20) warmed the graphs up at load (with and
+            # without a residual); [20, 28) must get its own weights through the latter
+            for indices, res in ((range(0, 12), None), (range(20, 28), residual)):
+                got = sum(body.run_layers(layers, indices, positions, hidden, res))
+                want = sum(lb.eager_segment([layers[i] for i in indices], positions, hidden, res))
+                # the residual stream after the segment (its two halves alone can be small)
+                errors.append(float((got - want).abs().max() / want.abs().max()))
+    return {
+        "compiled": True,
+        "calls": body.calls,
+        "max_rel_error": max(errors),
+        "bypassing": sorted(body.bypassing),
+    }
 
 
 def test_routed_steps_run_the_compiled_layer_body_without_recompiling(compiled_llm):
-    """Rows below full depth take the layer loop; its layers run the compiled body (one
-    graph for all layers, compiled at load), and varying batch sizes and mixes of routed
-    and full-depth rows compile nothing new."""
+    """Rows below full depth take the layer loop; its layers run the compiled body (a
+    graph per segment length, compiled at load), and varying batch sizes and mixes of
+    routed and full-depth rows compile nothing new."""
     shallow = {"utio_bucket": "shallow"}
     _run(compiled_llm, PROMPTS[:2], [shallow, {}])  # warm-up of this engine's loop paths
     body0 = compiled_llm.collective_rpc(_body_facts)[0]
@@ -186,12 +180,21 @@ def test_routed_steps_run_the_compiled_layer_body_without_recompiling(compiled_l
     stats = compiled_llm.collective_rpc("utio_stats")[0]
     routed = stats["routed_steps"] - stats0["routed_steps"]
     assert routed >= 3 * (MAX_TOKENS - 1)
-    # every layer a routed step runs went through the compiled pieces (30 or 22 per step)
+    # every layer a routed step runs went through the compiled segments (30 or 22 per step)
     assert body["calls"] - body0["calls"] >= 22 * routed
+    # the segments of a routed step ([0, 12) from the embedding, [12, 20) for the deep
+    # rows, [20, 30)), for one token and many, run dynamo's bytecode without dynamo
+    segments = {
+        (length, start0, one)
+        for length, start0 in ((12, True), (8, False), (10, False))
+        for one in (True, False)
+    }
+    assert segments <= {tuple(key) for key in body["bypassing"]}, body["bypassing"]
     assert (after["graphs"], after["compiles"]) == (before["graphs"], before["compiles"])
-    # the compiled pieces compute what the eager layer code does, within bf16 rounding
-    # (inductor fuses the norms, RoPE and activation, so the rounding points differ)
-    assert body["max_rel_error"] < 0.02, body
+    # the compiled segments compute what the eager layer code does, within bf16 rounding
+    # over 8-12 layers (inductor fuses the norms, RoPE and activation, so the rounding
+    # points differ; measured <= 1.7%; other layers' weights give 80-240%)
+    assert body["max_rel_error"] < 0.03, body
 
 
 def _has_compiled_body(worker) -> bool:

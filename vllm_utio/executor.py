@@ -121,7 +121,7 @@ class DepthExecutor:
         layer = 0
         while layer < self.stack.num_layers:
             n = self._running[layer]
-            end = self._segment_end(layer, plan)
+            end = self._segment_end(layer, plan.route_layer if plan.route_mid else None)
             if n not in subs:
                 t0 = time.perf_counter()
                 subs[n], skips[n] = self._sub_batches_for(n, plan)
@@ -151,18 +151,34 @@ class DepthExecutor:
         result.hidden = self.stack.final_norm(hidden, residual)
         return result
 
-    def _segment_end(self, start: int, plan: StepPlan) -> int:
+    def _segment_end(self, start: int, route_layer: int | None) -> int:
         """End of the run of layers from ``start`` on the same rows with nothing between
-        them (no rows rejoining, no routing decision): one call of the layer body."""
+        them (no rows rejoining, no routing decision after ``route_layer``): one call of
+        the layer body."""
         end = start + 1
         while (
             end < self.stack.num_layers
             and self._running[end] == self._running[start]
             and end not in self._rejoins
-            and not (plan.route_mid is not None and end - 1 == plan.route_layer)
+            and end - 1 != route_layer
         ):
             end += 1
         return end
+
+    def segments(self, route_layer: int | None) -> list[range]:
+        """Every segment a step can run (what the compiled body warms up): the nested
+        schedule's, with and without a routing decision after ``route_layer``, and the
+        per-bucket schedule's single layers."""
+        if self.schedule == "per_bucket":
+            return [range(0, 1), range(1, 2)]
+        out = []
+        for route in {None, route_layer}:
+            layer = 0
+            while layer < self.stack.num_layers:
+                end = self._segment_end(layer, route)
+                out.append(range(layer, end))
+                layer = end
+        return out
 
     def _sub_batches_for(self, n: int, plan: StepPlan):
         """Sub-batch of rows at levels < n, and the token selector of the others."""

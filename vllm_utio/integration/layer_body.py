@@ -1,29 +1,39 @@
-"""A decoder layer's body as compiled code, one graph shared by every layer of the loop.
+"""Runs of decoder layers as compiled code: one graph per segment length, shared by all
+segments of that length.
 
 vLLM on CPU compiles its whole model as one graph (dynamo traced once, inductor): there
-are no per-layer compiled pieces to reuse, and UTIO's layer loop runs each layer on a
-sub-batch whose size changes every step. Eagerly, every norm, RoPE and activation then
-runs as vLLM's unfused native ops (its custom ops are off when it compiles), which is
-most of the loop's overhead at small batches. Here a Llama decoder layer is split at its
-attention call:
+are no per-layer compiled pieces to reuse, and UTIO's layer loop runs segments of layers
+(consecutive layers on the same rows, see the executor) on sub-batches whose size changes
+every step. Eagerly, every norm, RoPE and activation runs as vLLM's unfused native ops
+(its custom ops are off when it compiles), and per-call overheads add up layer by layer.
 
-- ``pre``: input norm (fused residual add), QKV projection, RoPE;
-- attention: vLLM's ``Attention`` module, called eagerly, so it reads the forward context
-  the loop swaps per sub-batch, and wrappers of its impl (``select``, ``decode_kernel``)
-  and forward hooks (attention capture) work as in vLLM's model;
-- ``post``: output projection, post-attention norm, MLP.
+A segment is traced as the Llama layer code (input norm, QKV, RoPE; attention; output
+projection, post-attention norm, MLP) for each of its layers, in one graph:
 
-``between`` is one layer's ``post`` and the next layer's ``pre`` in one graph, so a run
-of layers on the same rows (the executor's segment) costs one compiled call per layer.
-The pieces are ``torch.compile``d with dynamic token counts. The layer module is an
-argument: dynamo inlines ``nn.Module``s, so parameters are graph inputs, not constants,
-and all layers share one graph per piece (per size class). Layers whose class changes
-the Llama forward, or that differ from each other, run eagerly (``why_not_compiled``).
+- The layer modules are arguments: dynamo inlines ``nn.Module``s, so parameters are graph
+  inputs, not constants, and every segment of the same length shares one graph (per size
+  class: dynamo specialises 1 token, and a segment from layer 0 has no residual yet).
+- Attention is one opaque op, ``utio::layer_attention(q, k, v, key)``, whose key tensor
+  names the layer's vLLM ``Attention`` module in a registry. At run time it calls that
+  module as vLLM's model would, so it reads the forward context the loop swaps per
+  sub-batch, and wrappers of its impl (``select``, ``decode_kernel``) and forward hooks
+  (attention capture) work unchanged. vLLM's own attention op names its layer by a string
+  that dynamo bakes into the graph (a value guard per layer): it cannot be shared.
+
+Per segment the loop then makes one call, not one per layer: after its first call (at
+engine load) a segment's graph runs through dynamo's transformed bytecode, called
+directly with no guards, as vLLM calls its own model. Layers whose class changes the
+Llama forward, or that differ from each other, run eagerly (``why_not_compiled``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
+import types
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -32,6 +42,69 @@ from torch import nn
 from vllm_utio.log import get_logger
 
 logger = get_logger(__name__)
+
+# key -> the vLLM Attention module it names (weak: an engine's model owns its modules)
+_ATTENTION: dict[int, weakref.ref] = {}
+_NEXT_KEY = itertools.count()
+_STUB = {"on": False}  # warm-up and tests: attention returns a copy of the query
+_LIBRARY: Any = None  # torch.library.Library holding the op (must stay alive)
+# segment code objects awaiting their first compile -> dynamo's bytecode for them (by id:
+# code objects compare by content, and every segment's is a copy of the same code)
+_AWAITED: dict[int, types.CodeType] = {}
+_TRANSFORMED: dict[int, types.CodeType] = {}
+
+
+def _bytecode_hook(old: types.CodeType, new: types.CodeType) -> None:
+    """Keep dynamo's transformed bytecode of a segment, to call it without dynamo."""
+    if _AWAITED.get(id(old)) is old:
+        _TRANSFORMED[id(old)] = new
+
+
+def _layer_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor
+) -> torch.Tensor:
+    """The registered layer's attention, called eagerly from the compiled graph."""
+    if _STUB["on"]:
+        return query.clone()
+    attn = _ATTENTION[int(layer)]()
+    if attn is None:
+        raise RuntimeError("UTIO: the layer loop called attention of a freed model")
+    return attn(query, key, value)
+
+
+def _layer_attention_fake(query, key, value, layer) -> torch.Tensor:
+    return torch.empty_like(query)  # Llama: heads x head_size, as the query
+
+
+def _register_op() -> None:
+    """Define ``torch.ops.utio.layer_attention`` once per process."""
+    global _LIBRARY
+    if _LIBRARY is not None:
+        return
+    from torch.library import Library
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    _LIBRARY = Library("utio", "FRAGMENT")
+    torch._dynamo.convert_frame.register_bytecode_hook(_bytecode_hook)
+    direct_register_custom_op(
+        "layer_attention",
+        _layer_attention,
+        mutates_args=[],
+        fake_impl=_layer_attention_fake,
+        target_lib=_LIBRARY,
+    )
+
+
+@contextlib.contextmanager
+def stub_attention() -> Iterator[None]:
+    """Attention returns a copy of its query (no forward context needed): for compiling
+    at load and for comparing the graphs with the eager layer code."""
+    before = _STUB["on"]
+    _STUB["on"] = True
+    try:
+        yield
+    finally:
+        _STUB["on"] = before
 
 
 def _pre_attention(layer: nn.Module, positions, hidden, residual):
@@ -53,14 +126,33 @@ def _post_attention(layer: nn.Module, attn_out, residual):
     return layer.mlp(hidden), residual
 
 
-def _between_attentions(layer: nn.Module, after: nn.Module, positions, attn_out, residual):
-    """``layer``'s post and the next layer's pre in one graph (one call, not two)."""
-    hidden, residual = _post_attention(layer, attn_out, residual)
-    return _pre_attention(after, positions, hidden, residual)
+def _segment(layers: list[nn.Module], keys: list[torch.Tensor], positions, hidden, residual):
+    """The Llama decoder layers ``layers`` in order, attention through the opaque op."""
+    for layer, key in zip(layers, keys, strict=True):
+        q, k, v, residual = _pre_attention(layer, positions, hidden, residual)
+        out = torch.ops.utio.layer_attention(q, k, v, key)
+        hidden, residual = _post_attention(layer, out, residual)
+    return hidden, residual
+
+
+def eager_segment(layers: list[nn.Module], positions, hidden, residual):
+    """:func:`_segment` run eagerly with the stubbed attention (the tests' reference)."""
+    for layer in layers:
+        q, _, _, residual = _pre_attention(layer, positions, hidden, residual)
+        hidden, residual = _post_attention(layer, q.clone(), residual)
+    return hidden, residual
+
+
+def _fresh_copy(fn: Callable) -> Callable:
+    """``fn`` with its own code object: dynamo keeps compiled graphs per code object, so
+    each segment length gets its own cache (and its own recompile limit)."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
 
 
 def why_not_compiled(layers: list[nn.Module]) -> str | None:
-    """Why these layers cannot run as ``pre`` + attention + ``post`` (None: they can)."""
+    """Why these layers cannot run as compiled segments (None: they can)."""
     from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer
 
     first = layer_signature(layers[0])
@@ -69,6 +161,9 @@ def why_not_compiled(layers: list[nn.Module]) -> str | None:
             return f"decoder layer {i} ({type(layer).__name__}) has its own forward"
         if type(layer.self_attn).forward is not LlamaAttention.forward:
             return f"layer {i}'s attention ({type(layer.self_attn).__name__}) has its own forward"
+        attn = layer.self_attn.attn
+        if attn.head_size_v != attn.head_size:  # the op's output is shaped as the query
+            return f"layer {i}'s attention has a value head size unlike its query's"
         if layer_signature(layer) != first:
             return f"layer {i} differs from layer 0 in its modules' types, sizes or settings"
     return None
@@ -96,55 +191,102 @@ def layer_signature(layer: nn.Module) -> list[tuple]:
 
 
 class CompiledLayerBody:
-    """Decoder layers with their attention-free parts compiled; see the module doc."""
+    """Decoder layers run as compiled segments; see the module doc."""
 
-    def __init__(self, backend: str) -> None:
-        # No guards on the layer modules: dynamo would check every parameter and setting
-        # of a layer at each call (~12 us of ~50 here); ``why_not_compiled`` checked once
-        # that all layers have the same structure, which is all the graphs depend on
-        # (parameters are inputs), and tests compare layers other than the warmed-up ones.
-        options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    def __init__(
+        self, layers: list[nn.Module], backend: str, inductor_options: dict[str, Any]
+    ) -> None:
+        _register_op()
+        # vLLM's inductor settings (on CPU: no size asserts on the ~7 parameters per
+        # layer, dead-code elimination, ...), and no guards at all, as vLLM compiles its
+        # own model: checking them cost 100-250 us per call. What guards would tell
+        # apart gets its own graph instead (``_graph``'s key); ``why_not_compiled``
+        # checked once that all layers have the same structure, which is all the graphs
+        # depend on besides that (parameters are inputs), and tests compare layers other
+        # than the warmed-up ones.
+        self._options = {
+            **inductor_options,
+            "guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
+        }
+        self._backend = backend
+        # by (length, from layer 0 (no residual yet), one token): dynamo specialises a
+        # size of 1, so one token and many need separate graphs
+        self._segments: dict[tuple[int, bool, bool], Callable] = {}
+        self._direct: dict[tuple[int, bool, bool], Callable] = {}  # compiled ones
+        self.bypassing: set[tuple[int, bool, bool]] = set()  # called without dynamo
+        self._keys = []
+        for layer in layers:
+            key = next(_NEXT_KEY)
+            _ATTENTION[key] = weakref.ref(layer.self_attn.attn)
+            self._keys.append(torch.tensor(key))
+        self.calls = 0  # layer runs through the compiled segments (tests read it)
+        self._warming = False
 
-        def compiled(fn):
-            return torch.compile(fn, dynamic=True, backend=backend, options=options)
+    def _graph(self, key: tuple[int, bool, bool]) -> Callable:
+        """The segment function for ``key``: compiled by its first call, then dynamo's
+        transformed bytecode called directly (with no guards there is nothing for dynamo
+        to choose; its cache lookup cost 100-450 us per call), as vLLM calls its model."""
+        run = self._direct.get(key)
+        if run is not None:
+            return run
+        fn = self._segments.get(key)
+        if fn is None:  # first use: this call compiles it
+            fn = self._segments[key] = _fresh_copy(_segment)
+            _AWAITED[id(fn.__code__)] = fn.__code__
+            return self._compile(fn)
+        _AWAITED.pop(id(fn.__code__), None)
+        new = _TRANSFORMED.pop(id(fn.__code__), None)
+        if new is None:
+            logger.warning("UTIO: no transformed bytecode from dynamo; segments go through it")
+            run = self._compile(fn)
+        else:
+            run = types.FunctionType(new, fn.__globals__, fn.__name__)
+            self.bypassing.add(key)
+        self._direct[key] = run
+        return run
 
-        self._pre = compiled(_pre_attention)
-        self._post = compiled(_post_attention)
-        self._between = compiled(_between_attentions)
-        self.calls = 0  # layer runs through the compiled pieces (tests read it)
+    def _compile(self, fn: Callable) -> Callable:
+        return torch.compile(
+            fn, dynamic=True, fullgraph=True, backend=self._backend, options=self._options
+        )
 
-    def run_layers(self, layers: list[nn.Module], positions, hidden, residual):
-        """Consecutive ``layers`` on the same tokens: pre, then per layer attention and
-        the compiled piece up to the next attention (``post`` after the last)."""
+    def run_layers(self, layers: list[nn.Module], indices: range, positions, hidden, residual):
+        """Layers ``indices`` (consecutive, ``layers`` the whole stack) on the same tokens,
+        as one compiled call."""
         if torch.is_inference_mode_enabled() and not positions.is_inference():
             # a slice of vLLM's persistent positions buffer is a normal tensor, a gathered
-            # one an inference tensor: dynamo guards on that, so give it one kind
+            # one an inference tensor: give the graphs (traced with the latter) one kind
             positions = positions.clone()
-        q, k, v, residual = self._pre(layers[0], positions, hidden, residual)
-        for i, layer in enumerate(layers):
-            out = layer.self_attn.attn(q, k, v)
-            if i + 1 < len(layers):
-                q, k, v, residual = self._between(layer, layers[i + 1], positions, out, residual)
-        self.calls += len(layers)
-        return self._post(layers[-1], out, residual)
+        key = (len(indices), residual is None, hidden.shape[0] == 1)
+        if key not in self._segments and not self._warming:
+            logger.warning(
+                "UTIO: compiling the layer loop for a segment of %d layers (not warmed up)",
+                len(indices),
+            )
+        run = self._graph(key)
+        keys = [self._keys[i] for i in indices]
+        self.calls += len(indices)
+        return run([layers[i] for i in indices], keys, positions, hidden, residual)
 
-    def warm_up(self, layers: list[nn.Module], dtype: torch.dtype, device: Any) -> float:
-        """Compile every graph a step can need (layer 0 without a residual, later layers
-        with one; 1 token and many, as dynamo specialises size 1), without attention.
-        Returns the seconds it took."""
+    def warm_up(
+        self, layers: list[nn.Module], segments: Iterable[range], dtype: torch.dtype, device: Any
+    ) -> float:
+        """Compile every graph the ``segments`` a step can run need (1 token and many, as
+        dynamo specialises size 1), with the stub attention. Returns the seconds it took."""
         t0 = time.perf_counter()
         hidden_size = layers[0].input_layernorm.weight.shape[0]
-        attn = layers[0].self_attn
-        width = attn.attn.num_heads * attn.attn.head_size
-        with torch.inference_mode():
+        # one segment per (length, starts at layer 0) is enough: graphs are shared
+        distinct = {(len(r), r.start == 0): r for r in segments}
+        self._warming = True
+        with torch.inference_mode(), stub_attention():
             for n in (1, 2):
                 positions = torch.arange(n, device=device)
                 hidden = torch.zeros(n, hidden_size, dtype=dtype, device=device)
-                for layer, residual in ((layers[0], None), (layers[-1], hidden.clone())):
-                    self._pre(layer, positions, hidden, residual)
-                out = torch.zeros(n, width, dtype=dtype, device=device)
-                self._post(layers[-1], out, hidden.clone())
-                self._between(layers[0], layers[-1], positions, out, hidden.clone())
+                for indices in distinct.values():
+                    residual = None if indices.start == 0 else hidden.clone()
+                    self.run_layers(layers, indices, positions, hidden, residual)
+        self._warming = False
+        self.calls = 0
         return time.perf_counter() - t0
 
 
@@ -168,4 +310,5 @@ def make_layer_body(
         logger.warning("UTIO: the layer loop runs eagerly: %s", why)
         return None
     backend = compilation.backend if vllm_compiles and compilation.backend else "inductor"
-    return CompiledLayerBody(backend)
+    options = dict(compilation.inductor_compile_config) if backend == "inductor" else {}
+    return CompiledLayerBody(layers, backend, options)

@@ -80,11 +80,10 @@ class DecoderStack:
         return self.run_layers(range(index, index + 1), positions, hidden, residual)
 
     def run_layers(self, indices: range, positions, hidden, residual):
-        """Consecutive layers ``indices`` on the same tokens (the compiled body fuses one
-        layer's tail with the next one's head)."""
+        """Consecutive layers ``indices`` on the same tokens (one call of the compiled
+        body: a graph per segment length)."""
         if self.body is not None:
-            layers = [self.layers[i] for i in indices]
-            return self.body.run_layers(layers, positions, hidden, residual)
+            return self.body.run_layers(self.layers, indices, positions, hidden, residual)
         for i in indices:
             hidden, residual = self.layers[i](positions, hidden, residual)
         return hidden, residual

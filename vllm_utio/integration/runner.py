@@ -115,9 +115,6 @@ class UtioRunnerMixin:
         cfg.check_against_model(num_layers)
         self.utio_plans = PlanSet.from_config(cfg, num_layers)
         stack.body = make_layer_body(stack.layers, cfg.layer_loop, self.vllm_config)
-        if stack.body is not None:
-            seconds = stack.body.warm_up(stack.layers, self.model_config.dtype, self.device)
-            logger.info("UTIO: compiled the layer loop's body in %.1f s", seconds)
         self.utio_stats = UtioStats.for_levels([p.name for p in self.utio_plans.plans])
         corrections: list[Correction | None] = [None]
         hidden_size = self.model_config.get_hidden_size()
@@ -138,6 +135,17 @@ class UtioRunnerMixin:
         self._utio_probe = (
             load_checked_probe(cfg, hidden_size, num_layers) if cfg.router == "probe" else None
         )
+        if stack.body is not None:
+            route_layer = self._utio_probe.layer if self._utio_probe is not None else None
+            segments = self._utio_executor.segments(route_layer)
+            seconds = stack.body.warm_up(
+                stack.layers, segments, self.model_config.dtype, self.device
+            )
+            logger.info(
+                "UTIO: compiled the layer loop (segments of %s layers) in %.1f s",
+                sorted({len(r) for r in segments}),
+                seconds,
+            )
         # bucket policies a mid-forward router must apply once it has decided
         self._utio_mid_sparse = cfg.attention_all is None and any(
             b.attention.policy != "dense" for b in cfg.buckets
