@@ -401,12 +401,13 @@ class UtioConfig(_Strict):
     layer_loop: Literal["auto", "compiled", "eager"] = Field(
         default="auto",
         description="How the layer loop (steps with a row below full depth or a signal "
-        "taken mid-forward) runs a decoder layer: 'compiled', its parts around attention as "
-        "torch.compile'd graphs shared by all layers (1.1-1.2x the eager loop's decode "
-        "tok/s here; compiled while the engine loads: ~6 s with inductor's cache warm, ~35 s "
-        "cold on 2 busy cores); 'eager', vLLM's layer modules as they are; 'auto', compiled "
-        "unless vLLM's own model runs eagerly (enforce_eager). Models whose layers change "
-        "the Llama forward, or differ from each other, run eagerly (logged).",
+        "taken mid-forward) runs decoder layers: 'compiled', each run of layers on the same "
+        "rows as one torch.compile'd graph (attention inside it as an op calling vLLM's "
+        "attention module), shared by all runs of the same length; compiled while the "
+        "engine loads: ~11 s with inductor's cache warm, ~60 s cold on 2 cores; 'eager', "
+        "vLLM's layer modules as they are; 'auto', compiled unless vLLM's own model runs "
+        "eagerly (enforce_eager). Models whose layers change the Llama forward, or differ "
+        "from each other, run eagerly (logged).",
     )
     kv_policy: Literal["frozen_state"] = Field(
         default="frozen_state",

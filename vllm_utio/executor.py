@@ -9,7 +9,7 @@ correction. Output: final-normed hidden states for every token, in the step's or
 
 Layers run in segments: consecutive layers on the same rows with no rejoin or routing
 decision between them are one call of the decoder stack (with the compiled layer body,
-one compiled piece per layer between attention calls).
+one compiled graph per segment).
 
 K/V fill: a level's whole skipped span is filled at once, where the span starts, by one
 fused projection (:mod:`vllm_utio.integration.kv_fill`); a span that cannot be fused (its

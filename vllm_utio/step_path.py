@@ -1,11 +1,11 @@
 """Which path a step takes: vLLM's own model (compiled unless ``enforce_eager``) or
 UTIO's layer loop.
 
-UTIO's layer loop runs layer by layer (each layer's attention-free parts compiled,
-``integration/layer_body.py``); vLLM's model on CPU is one ``torch.compile``d graph. A
-step needs the loop only when it does something vLLM's model cannot: run a row below
-full depth, or observe a signal inside the forward (a vslash estimate, attention heat, a
-probe). Every other step runs vLLM's model, so UTIO costs nothing there. Sparse rows run
+UTIO's layer loop runs segments of layers on sub-batches (each segment one compiled
+graph, ``integration/layer_body.py``); vLLM's model on CPU is one ``torch.compile``d
+graph. A step needs the loop only when it does something vLLM's model cannot: run a row
+below full depth, or observe a signal inside the forward (a vslash estimate, attention
+heat, a probe). Every other step runs vLLM's model, so UTIO costs nothing there. Sparse rows run
 there too: a restriction that is the same at every layer
 (throttle, vslash without an estimate to take) through the step's attention metadata
 rebuilt from the restricted block tables; 'select', which chooses per layer from the

@@ -30,7 +30,7 @@ class UnsupportedModelError(RuntimeError):
 class DecoderStack:
     model: nn.Module  # the inner LlamaModel-like module
     layers: list[nn.Module]
-    # runs layers with their attention-free parts compiled (None: the layer modules
+    # runs a segment of layers as one compiled graph (None: the layer modules
     # themselves, eagerly); see layer_body
     body: CompiledLayerBody | None = None
     # learned K positions within a cache block, per (cache shape, dtype); see key_offsets
