@@ -144,8 +144,9 @@ def eager_segment(layers: list[nn.Module], positions, hidden, residual):
 
 
 def _fresh_copy(fn: Callable) -> Callable:
-    """``fn`` with its own code object: dynamo keeps compiled graphs per code object, so
-    each segment length gets its own cache (and its own recompile limit)."""
+    """``fn`` with its own code object: dynamo keeps compiled graphs per code object, and
+    with no guards it would reuse the first one for any input, so each segment key gets
+    its own."""
     return types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
