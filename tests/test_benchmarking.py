@@ -57,6 +57,17 @@ def test_summary_statistics():
     assert row["n"] == 3 and row["saved_fraction"] is None
 
 
+def test_engines_prefill_in_chunks():
+    """A step holds at most PREFILL_CHUNK_TOKENS (a 128 x 512-token prefill in one step
+    peaked at 4.4 GB per engine), never less than one request of max_len, nor 2048."""
+    big = suite.engine_kwargs(max_batch=128, max_len=576, eager=False)
+    assert big["max_num_batched_tokens"] == suite.PREFILL_CHUNK_TOKENS
+    small = suite.engine_kwargs(max_batch=1, max_len=80, eager=False)
+    assert small["max_num_batched_tokens"] == 2048  # small engines keep a 2048 floor
+    long = suite.engine_kwargs(max_batch=1, max_len=9000, eager=False)
+    assert long["max_num_batched_tokens"] == 9000
+
+
 @pytest.mark.engine
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()

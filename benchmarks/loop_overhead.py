@@ -1,0 +1,103 @@
+"""What the calibrated artifact's layer loop costs over vLLM's model, in one engine.
+
+    python benchmarks/loop_overhead.py [batch sizes, e.g. 32,128] [prompt tokens] [--profile]
+
+One engine with the default artifact (probe router), in-process. The same requests run
+three ways, interleaved, 3 repeats of 64 new tokens:
+- `model`: every step runs vLLM's compiled model (the loop is never chosen);
+- `loop-full`: every step runs UTIO's layer loop, the probe's decision replaced by full
+  depth for every row;
+- `probe`: as shipped.
+
+`loop-full` / `model` is the loop's own cost at full depth; `probe` / `loop-full` what
+routing a few rows costs beyond what it saves. `--profile` adds a `torch.profiler` table
+of 16 steps of `model` and `loop-full`. A diagnostic: it swaps the runner's path choice
+and probe decision from outside, which no user setting does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+import numpy as np
+from vllm import LLM, SamplingParams
+
+import vllm_utio.integration.runner as runner_module
+from vllm_utio.assets.data import load_wiki_documents
+from vllm_utio.benchmarking.offline import make_prompts
+from vllm_utio.paths import default_model_dir
+
+MODES = ("model", "loop-full", "probe")
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--profile"]
+    batches = [int(x) for x in (args[0] if args else "32,128").split(",")]
+    prompt_len = int(args[1]) if len(args) > 1 else 64
+    llm = LLM(
+        str(default_model_dir()),
+        dtype="bfloat16",
+        max_model_len=prompt_len + 80,
+        max_num_seqs=max(batches),
+        max_num_batched_tokens=8192,
+        kv_cache_memory_bytes=1 << 30,
+        disable_log_stats=False,  # request metrics (first/last token times)
+        seed=0,
+        additional_config={"utio": {"enabled": True, "artifact": "default"}},
+    )
+    runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    path_choice, route_mid = runner_module.layer_loop_reason, runner._utio_route_mid
+
+    def use(mode: str) -> None:
+        runner_module.layer_loop_reason = (
+            (lambda cfg, facts: None) if mode == "model" else path_choice
+        )
+        runner._utio_route_mid = (
+            (lambda stream: np.zeros(runner.input_batch.num_reqs, dtype=np.int64))
+            if mode == "loop-full"
+            else route_mid
+        )
+
+    def decode_tok_s(prompts: list[dict], tokens: int) -> float:
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        first = max(o.metrics.first_token_ts for o in outs)
+        last = max(o.metrics.last_token_ts for o in outs)
+        return len(prompts) * (tokens - 1) / (last - first)
+
+    text = " ".join(d["text"] for d in load_wiki_documents()[:8])
+    for batch in batches:
+        prompts = make_prompts(llm.get_tokenizer(), batch, prompt_len, text)
+        for mode in MODES:  # warm-up of each path at this shape
+            use(mode)
+            decode_tok_s(prompts, 4)
+        samples: dict[str, list[float]] = {m: [] for m in MODES}
+        for _ in range(3):
+            for mode in MODES:
+                use(mode)
+                samples[mode].append(decode_tok_s(prompts, 64))
+        base = float(np.median(samples["model"]))
+        for mode, values in samples.items():
+            median = float(np.median(values))
+            print(
+                f"batch {batch}, {prompt_len}-token prompts, {mode}: {median:.1f} tok/s "
+                f"({median / base:.3f} of model) {[round(v, 1) for v in values]}",
+                flush=True,
+            )
+        if "--profile" in sys.argv:
+            from torch.profiler import ProfilerActivity, profile
+
+            for mode in ("model", "loop-full"):
+                use(mode)
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    decode_tok_s(prompts, 16)
+                print(f"== {mode}, batch {batch}")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    use("probe")
+
+
+if __name__ == "__main__":
+    main()
