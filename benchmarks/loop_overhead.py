@@ -23,11 +23,11 @@ import sys
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 import numpy as np
-from vllm import LLM, SamplingParams
+from vllm import LLM
 
 import vllm_utio.integration.runner as runner_module
 from vllm_utio.assets.data import load_wiki_documents
-from vllm_utio.benchmarking.offline import make_prompts
+from vllm_utio.benchmarking.offline import make_prompts, measure_once
 from vllm_utio.paths import default_model_dir
 
 MODES = ("model", "loop-full", "probe")
@@ -62,11 +62,7 @@ def main() -> None:
         )
 
     def decode_tok_s(prompts: list[dict], tokens: int) -> float:
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        first = max(o.metrics.first_token_ts for o in outs)
-        last = max(o.metrics.last_token_ts for o in outs)
-        return len(prompts) * (tokens - 1) / (last - first)
+        return measure_once(llm, prompts, tokens, pin=None, utio=False)["decode_tok_s"]
 
     text = " ".join(d["text"] for d in load_wiki_documents()[:8])
     for batch in batches:
