@@ -3,16 +3,18 @@
     python benchmarks/loop_overhead.py [batch sizes, e.g. 32,128] [prompt tokens] [--profile]
 
 One engine with the default artifact (probe router), in-process. The same requests run
-three ways, interleaved, 3 repeats of 64 new tokens:
+four ways, interleaved, 3 repeats of 64 new tokens:
 - `model`: every step runs vLLM's compiled model (the loop is never chosen);
 - `loop-full`: every step runs UTIO's layer loop, the probe's decision replaced by full
   depth for every row;
-- `probe`: as shipped.
+- `probe-always`: every step routes (``routing_payoff`` 'always');
+- `probe-payoff`: as shipped (``routing_payoff`` 'measured': a step routes only while
+  routing has measured faster per token than vLLM's model at its size).
 
-`loop-full` / `model` is the loop's own cost at full depth; `probe` / `loop-full` what
-routing a few rows costs beyond what it saves. `--profile` adds a `torch.profiler` table
-of 16 steps of `model` and `loop-full`. A diagnostic: it swaps the runner's path choice
-and probe decision from outside, which no user setting does.
+`loop-full` / `model` is the loop's own cost at full depth; `probe-always` / `loop-full`
+what routing a few rows costs beyond what it saves. `--profile` adds a `torch.profiler`
+table of 16 steps of `model` and `loop-full`. A diagnostic: it swaps the runner's path
+choice, probe decision and payoff rule from outside, which no user setting does.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ import vllm_utio.integration.runner as runner_module
 from vllm_utio.assets.data import load_wiki_documents
 from vllm_utio.benchmarking.offline import make_prompts, measure_once
 from vllm_utio.paths import default_model_dir
+from vllm_utio.routing.payoff import RoutingPayoff
 
-MODES = ("model", "loop-full", "probe")
+MODES = ("model", "loop-full", "probe-always", "probe-payoff")
 
 
 def main() -> None:
@@ -50,6 +53,7 @@ def main() -> None:
     )
     runner = llm.llm_engine.model_executor.driver_worker.worker.model_runner
     path_choice, route_mid = runner_module.layer_loop_reason, runner._utio_route_mid
+    always, measured = RoutingPayoff("always"), runner._utio_payoff
 
     def use(mode: str) -> None:
         runner_module.layer_loop_reason = (
@@ -60,6 +64,7 @@ def main() -> None:
             if mode == "loop-full"
             else route_mid
         )
+        runner._utio_payoff = measured if mode == "probe-payoff" else always
 
     def decode_tok_s(prompts: list[dict], tokens: int) -> float:
         return measure_once(llm, prompts, tokens, pin=None, utio=False)["decode_tok_s"]
@@ -83,6 +88,7 @@ def main() -> None:
                 f"({median / base:.3f} of model) {[round(v, 1) for v in values]}",
                 flush=True,
             )
+        print(f"payoff after batch {batch}: {measured.as_dict()}", flush=True)
         if "--profile" in sys.argv:
             from torch.profiler import ProfilerActivity, profile
 
@@ -92,7 +98,7 @@ def main() -> None:
                     decode_tok_s(prompts, 16)
                 print(f"== {mode}, batch {batch}")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    use("probe")
+    use("probe-payoff")
 
 
 if __name__ == "__main__":

@@ -498,7 +498,13 @@ def test_bucket_policy_applies_after_mid_forward_routing(vanilla_llm, tmp_path):
     save_probe(path, Probe(torch.zeros(576), torch.tensor([np.log(score / (1 - score))]), layer))
     bucket = {**THROTTLE_BUCKETS[0], "max_score": 0.5}
     llm = make_llm(
-        {"enabled": True, "router": "probe", "probe_path": str(path), "buckets": [bucket]}
+        {
+            "enabled": True,
+            "router": "probe",
+            "probe_path": str(path),
+            "buckets": [bucket],
+            "routing_payoff": "always",  # every step routes (the counts below assume it)
+        }
     )
     prompts = [LONG, LONG[: len(LONG) // 2]]
     try:

@@ -158,6 +158,7 @@ def _body_facts(worker) -> dict:
     return {
         "compiled": True,
         "calls": body.calls,
+        "attention": dict(lb.ATTENTION_CALLS),
         "max_rel_error": max(errors),
         "bypassing": sorted(body.bypassing),
     }
@@ -182,6 +183,11 @@ def test_routed_steps_run_the_compiled_layer_body_without_recompiling(compiled_l
     assert routed >= 3 * (MAX_TOKENS - 1)
     # every layer a routed step runs went through the compiled segments (30 or 22 per step)
     assert body["calls"] - body0["calls"] >= 22 * routed
+    # ... and their attention op did the module's work itself: no layer is hooked (the
+    # forced router needs no attention heat, so the heat layer is not captured)
+    direct = body["attention"]["direct"] - body0["attention"]["direct"]
+    assert direct >= 22 * routed
+    assert body["attention"]["module"] == body0["attention"]["module"]
     # the segments of a routed step ([0, 12) from the embedding, [12, 20) for the deep
     # rows, [20, 30)), for one token and many, run dynamo's bytecode without dynamo
     segments = {

@@ -137,7 +137,7 @@ def test_probe_config_rules(raw, message):
 def test_artifact_router_routes_mid_forward_like_forced_pinning(forced_llm, tmp_path):
     # An artifact (one config key) whose calibrated router always prefers "shallow".
     write_artifact(tmp_path / "art", constant_router([0.0, 0.0]), model_fingerprint(model_path()))
-    llm = make_llm({"enabled": True, "artifact": str(tmp_path / "art")})
+    llm = make_llm({"enabled": True, "artifact": str(tmp_path / "art"), "routing_payoff": "always"})
     try:
         probe_tokens = greedy(llm)
         stats = llm.collective_rpc("utio_stats")[0]
@@ -149,6 +149,36 @@ def test_artifact_router_routes_mid_forward_like_forced_pinning(forced_llm, tmp_
     assert stats["layer_tokens_saved"] == len(PROMPTS) * (MAX_TOKENS - 1) * (
         skipped[1] - skipped[0]
     )
+
+
+@pytest.mark.engine
+def test_measured_payoff_routes_only_the_steps_it_chose(tmp_path):
+    """routing_payoff 'measured' (the default): the first decode step routes, the next
+    runs vLLM's model, then the faster path per token wins (the other re-measured now and
+    then). Whatever the timings, exactly the routed steps save their layers."""
+    write_artifact(tmp_path / "art", constant_router([0.0, 0.0]), model_fingerprint(model_path()))
+    llm = make_llm({"enabled": True, "artifact": str(tmp_path / "art")})
+    try:
+        greedy(llm)
+        stats = llm.collective_rpc("utio_stats")[0]
+    finally:
+        shutdown(llm)
+    payoff = stats["routing_payoff"]
+    assert payoff["mode"] == "measured"
+    # every size class with a routable row was measured on the loop first, then the model
+    measured = payoff["size_classes"].values()
+    assert measured and all(c["loop_us_per_token"] > 0 for c in measured)
+    assert any(c["model_us_per_token"] is not None for c in measured)
+    assert payoff["recheck_steps"] >= 1
+    assert stats["routing_declined_steps"] >= 1  # routable steps run unrouted, counted
+    # the loop ran only for routed steps, and each of them routed its decode rows shallow
+    loop_steps = stats["steps"] - stats["vllm_model_steps"]
+    assert stats["routed_steps"] == loop_steps >= 1
+    assert stats["rows_per_level"][1] == 0
+    decode_rows = len(PROMPTS) * (MAX_TOKENS - 1)
+    assert 0 < stats["rows_per_level"][2] < decode_rows, "some decode steps ran unrouted"
+    skipped = 30 - BUCKETS[0]["keep_last"] - BUCKETS[0]["keep_first"]
+    assert stats["layer_tokens_saved"] == stats["rows_per_level"][2] * skipped
 
 
 @pytest.mark.engine

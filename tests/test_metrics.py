@@ -71,6 +71,7 @@ def test_formatting_from_stats_dict() -> None:
         "utio_steps_total": 2,
         "utio_routed_steps_total": 1,
         "utio_vllm_model_steps_total": 0,
+        "utio_routing_declined_steps_total": 0,
         "utio_layer_tokens_run_total": 432,
         "utio_layer_tokens_full_total": 450,
         "utio_layer_tokens_saved_total": 18,

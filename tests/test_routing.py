@@ -189,3 +189,49 @@ def test_signals_and_routing_are_deterministic():
         return SurrogateRouter(cfg()).route(RoutingBatch(list("abcdef"), scores)).tolist()
 
     assert route() == route()
+
+
+def _drive_payoff(payoff, loop_s: float, model_s: float, steps: int, size: int = 32):
+    """Run ``steps`` decided steps with fixed per-path times; returns each decision."""
+    routed = []
+    for _ in range(steps):
+        route = payoff.route(size)
+        payoff.observe(size, route, (loop_s if route else model_s) * size)
+        routed.append(route)
+    return routed
+
+
+def test_payoff_measures_both_paths_then_keeps_the_faster():
+    from vllm_utio.routing.payoff import FIRST_RECHECK, RoutingPayoff
+
+    slow_loop = RoutingPayoff("measured")
+    routed = _drive_payoff(slow_loop, loop_s=1.1e-3, model_s=1.0e-3, steps=64)
+    assert routed[:2] == [True, False]  # each path measured once
+    # then the model, with the loop re-measured after 8 steps, then 16, 32 (backing off)
+    rechecks = [i for i, r in enumerate(routed) if r][1:]
+    assert rechecks == [1 + FIRST_RECHECK, 1 + 3 * FIRST_RECHECK, 1 + 7 * FIRST_RECHECK]
+    assert slow_loop.declined_steps == 64 - 1 - 1 - len(rechecks)
+    cls = slow_loop.as_dict()["size_classes"]["32"]
+    assert cls["loop_us_per_token"] == pytest.approx(1100) and cls["recheck_every"] == 64
+
+    fast_loop = RoutingPayoff("measured")
+    routed = _drive_payoff(fast_loop, loop_s=0.9e-3, model_s=1.0e-3, steps=64)
+    assert routed[1] is False and sum(not r for r in routed) == 1 + 3  # model re-measured
+    assert fast_loop.declined_steps == 0
+
+
+def test_payoff_follows_a_change_and_keeps_sizes_apart():
+    from vllm_utio.routing.payoff import FIRST_RECHECK, RoutingPayoff, size_class
+
+    payoff = RoutingPayoff("measured")
+    _drive_payoff(payoff, loop_s=1.5e-3, model_s=1.0e-3, steps=40)
+    # the loop gets cheaper (e.g. the probe starts routing many rows): the next re-check
+    # sees it, its running time falls below the model's within a few re-checks, and the
+    # back-off resets once the verdict flips
+    routed = _drive_payoff(payoff, loop_s=0.5e-3, model_s=1.0e-3, steps=200)
+    assert all(routed[-FIRST_RECHECK:]), "the loop wins once re-measured"
+    # another size class is measured from scratch
+    assert payoff.route(128) is True and size_class(128) != size_class(32)
+    always = RoutingPayoff("always")
+    assert all(_drive_payoff(always, loop_s=9.0, model_s=1.0, steps=10))
+    assert always.as_dict()["size_classes"] == {}

@@ -388,6 +388,16 @@ class UtioConfig(_Strict):
         description="Steps whose plan saves a smaller share of layer-tokens use full depth "
         "(the split's own overhead would eat the gain).",
     )
+    routing_payoff: Literal["measured", "always"] = Field(
+        default="measured",
+        description="router='probe': 'measured' routes a step (runs the layer loop so the "
+        "probe can route mid-forward) only while routed steps of its size have run faster "
+        "per token than vLLM's model, re-measuring the other path every 8-128 steps; "
+        "otherwise vLLM's model runs every row at full depth (pinned buckets still apply). "
+        "'always': every step with a routable row routes. Under 'measured' which steps "
+        "route depends on timings, so a probe's (lossy) outputs can differ run to run; "
+        "'always' keeps them reproducible.",
+    )
     schedule: Literal["nested", "per_bucket"] = Field(
         default="nested",
         description="'nested': shared layers run once over a shrinking prefix; "

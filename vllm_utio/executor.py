@@ -66,6 +66,9 @@ class StepPlan:
     # gives the rows' levels for the rest of the step (gather/scatter execution only)
     route_layer: int | None = None
     route_mid: Callable[[torch.Tensor], np.ndarray] | None = None
+    # capture the heat layer's attention (surrogate heat, vslash estimate); uncaptured, the
+    # layer's attention runs like the others (a hooked module call costs more)
+    capture_heat: bool = True
 
 
 def _take(t: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
@@ -190,7 +193,7 @@ class DepthExecutor:
         return sub, _selector(skipped, plan.query_start_loc)
 
     def _run_segment(self, layers: range, sub: SubBatch, hidden, residual, positions, plan, result):
-        capture = self.heat_layer in layers
+        capture = plan.capture_heat and self.heat_layer in layers
         sink: dict[str, Any] = {}
         with (
             plan.use_sub_batch(sub),
@@ -309,7 +312,7 @@ class DepthExecutor:
                 ):
                     h = h + self.corrections[level].delta(h + res)
                 sink: dict[str, Any] = {}
-                capture = layer == self.heat_layer
+                capture = plan.capture_heat and layer == self.heat_layer
                 with (
                     plan.use_sub_batch(sub),
                     self.stack.capture_attention(layer, sink) if capture else nullcontext(),

@@ -19,6 +19,9 @@ class UtioStats:
     routed_steps: int = 0  # steps where at least one row ran below full depth
     # steps run by vLLM's own (compiled) model: nothing to skip, restrict or observe
     vllm_model_steps: int = 0
+    # router 'probe', routing_payoff 'measured': steps with a routable row that vLLM's
+    # model ran unrouted (routing had measured slower there, or the model was re-measured)
+    routing_declined_steps: int = 0
     rows_per_level: list[int] = field(default_factory=list)
     tokens_per_level: list[int] = field(default_factory=list)
     layer_tokens_run: int = 0

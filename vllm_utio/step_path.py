@@ -19,8 +19,11 @@ Where each router's signals come from:
 | ``surrogate`` | entropy, varentropy | the step's logits (before sampling) | yes |
 | ``surrogate`` | outlier-ness | the final hidden states (before sampling) | yes |
 | ``surrogate`` | attention heat | the heat layer's attention output and values | no: layer loop |
-| ``probe`` | residual stream | the routing layer, mid-forward | no, if a row is routable |
+| ``probe`` | residual stream | the routing layer, mid-forward | no, if routable and it pays |
 | ``forced`` | none | (the request's pinned bucket) | yes |
+
+"It pays": ``routing_payoff`` (``routing/payoff.py``) lets a probe step route only while
+routed steps of its size have run faster per token than vLLM's model.
 
 So a surrogate router with ``attention_heat`` > 0 keeps every step of a routing engine in
 the loop (its next-step scores would change otherwise); with weight 0 only steps that

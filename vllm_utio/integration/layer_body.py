@@ -14,11 +14,15 @@ projection, post-attention norm, MLP) for each of its layers, in one graph:
   inputs, not constants, and every segment of the same length shares one graph (per size
   class: dynamo specialises 1 token, and a segment from layer 0 has no residual yet).
 - Attention is one opaque op, ``utio::layer_attention(q, k, v, key)``, whose key tensor
-  names the layer's vLLM ``Attention`` module in a registry. At run time it calls that
-  module as vLLM's model would, so it reads the forward context the loop swaps per
-  sub-batch, and wrappers of its impl (``select``, ``decode_kernel``) and forward hooks
-  (attention capture) work unchanged. vLLM's own attention op names its layer by a string
-  that dynamo bakes into the graph (a value guard per layer): it cannot be shared.
+  names the layer's vLLM ``Attention`` module in a registry. At run time it does what
+  that module's forward does on this path (the K/V cache write and the backend impl's
+  forward, with the layer's metadata and slots from the forward context the loop swaps
+  per sub-batch) without the module call and vLLM's two op dispatches around it: those
+  cost ~20 us per layer here. Wrappers of the impl (``select``, ``decode_kernel``) work
+  unchanged; a layer with a forward hook (attention capture, fill timing), or one whose
+  forward does more (query quantisation, a shared KV cache, a KV connector), is called
+  as a module. vLLM's own attention op names its layer by a string that dynamo bakes
+  into the graph (a value guard per layer): it cannot be shared.
 
 Per segment the loop then makes one call, not one per layer: after its first call (at
 engine load) a segment's graph runs through dynamo's transformed bytecode, called
@@ -38,6 +42,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from vllm_utio.log import get_logger
 
@@ -48,6 +53,8 @@ _ATTENTION: dict[int, weakref.ref] = {}
 _NEXT_KEY = itertools.count()
 _STUB = {"on": False}  # warm-up and tests: attention returns a copy of the query
 _LIBRARY: Any = None  # torch.library.Library holding the op (must stay alive)
+_VLLM: dict[str, Callable] = {}  # vLLM functions the op calls (imported with the op)
+ATTENTION_CALLS = {"direct": 0, "module": 0}  # how the op ran attention (tests read it)
 # segment code objects awaiting their first compile -> dynamo's bytecode for them (by id:
 # code objects compare by content, and every segment's is a copy of the same code)
 _AWAITED: dict[int, types.CodeType] = {}
@@ -69,7 +76,39 @@ def _layer_attention(
     attn = _ATTENTION[int(layer)]()
     if attn is None:
         raise RuntimeError("UTIO: the layer loop called attention of a freed model")
-    return attn(query, key, value)
+    if not _calls_directly(attn):
+        ATTENTION_CALLS["module"] += 1
+        return attn(query, key, value)
+    ATTENTION_CALLS["direct"] += 1
+    ctx = _VLLM["get_forward_context"]()
+    metadata = ctx.attn_metadata
+    if isinstance(metadata, dict):
+        metadata = metadata[attn.layer_name]
+    elif isinstance(metadata, list):  # speculative decoding: [0] is the target model's
+        metadata = metadata[0][attn.layer_name]
+    out = torch.empty_like(query)
+    q = query.view(-1, attn.num_heads, attn.head_size)
+    k = key.view(-1, attn.num_kv_heads, attn.head_size)
+    v = value.view(-1, attn.num_kv_heads, attn.head_size)
+    if not attn.attn_backend.forward_includes_kv_cache_update:
+        slots = ctx.slot_mapping.get(attn.layer_name)
+        if slots is not None:
+            attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slots)
+    attn.impl.forward(attn, q, k, v, attn.kv_cache, metadata, output=out.view_as(q))
+    return out
+
+
+def _calls_directly(attn: nn.Module) -> bool:
+    """Whether ``attn``'s forward reduces to the cache write + impl call (see the doc)."""
+    return not (
+        attn._forward_hooks
+        or attn._forward_pre_hooks
+        or _torch_module._global_forward_hooks
+        or _torch_module._global_forward_pre_hooks
+        or attn.query_quant is not None
+        or attn.kv_sharing_target_layer_name is not None
+        or _VLLM["has_kv_transfer_group"]()
+    )
 
 
 def _layer_attention_fake(query, key, value, layer) -> torch.Tensor:
@@ -82,7 +121,13 @@ def _register_op() -> None:
     if _LIBRARY is not None:
         return
     from torch.library import Library
+    from vllm.distributed.kv_transfer import has_kv_transfer_group
+    from vllm.forward_context import get_forward_context
     from vllm.utils.torch_utils import direct_register_custom_op
+
+    _VLLM.update(
+        get_forward_context=get_forward_context, has_kv_transfer_group=has_kv_transfer_group
+    )
 
     _LIBRARY = Library("utio", "FRAGMENT")
     torch._dynamo.convert_frame.register_bytecode_hook(_bytecode_hook)

@@ -92,6 +92,13 @@ _COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Steps run by vLLM's own (compiled) model: nothing to skip, restrict or observe.",
     ),
     (
+        "utio_routing_declined_steps",
+        "routing_declined_steps",
+        "Steps with a routable row that vLLM's model ran unrouted: routed steps of that "
+        "size had run slower per token, or the model was re-measured (router 'probe', "
+        "routing_payoff 'measured').",
+    ),
+    (
         "utio_layer_tokens_run",
         "layer_tokens_run",
         "Decoder-layer x token products actually computed.",

@@ -56,6 +56,7 @@ from vllm_utio.routing.bucketing import (
     swaps_for_permutation,
     tokens_per_level,
 )
+from vllm_utio.routing.payoff import RoutingPayoff
 from vllm_utio.routing.probe import load_checked_probe
 from vllm_utio.routing.routers import RoutingBatch, levels_by_name, make_router
 from vllm_utio.speculation import SpeculationStats
@@ -90,6 +91,9 @@ class UtioRunnerMixin:
         self._utio_recorder = StepMetadataRecorder()
         self._utio_executor: DepthExecutor | None = None
         self._utio_route_s = 0.0
+        self._utio_payoff = RoutingPayoff(self.utio_cfg.routing_payoff)
+        # this step: probe routes mid-forward (True), routing declined (False), no choice
+        self._utio_probing: bool | None = None
         self._utio_mid_metadata_s = 0.0
         self._utio_kv_read = (0, 0)  # decode KV tokens read this step, and dense would read
         # vslash: per request, its logical blocks ranked by attention mass (latest estimate)
@@ -249,7 +253,16 @@ class UtioRunnerMixin:
         scores = self._utio_scores(req_ids) if cfg.router == "surrogate" else np.full(n, np.nan)
         self._utio_routable = (routable, tokens)
         if cfg.router == "probe":
-            return np.zeros(n, dtype=np.int64)  # decided mid-forward
+            self._utio_probing = (
+                self._utio_payoff.route(int(tokens.sum())) if routable.any() else None
+            )
+            if self._utio_probing is not False:
+                return np.zeros(n, dtype=np.int64)  # decided mid-forward
+            # routing does not pay at this step size: pinned buckets only, no probe
+            self.utio_stats.routing_declined_steps += 1
+            self._utio_routable = (np.zeros(n, dtype=bool), tokens)
+            desired = self._utio_pin(np.zeros(n, dtype=np.int64))
+            return finalize_levels(desired, routable, tokens, self.utio_plans, cfg)
         desired = self._utio_pin(self._utio_router.route(RoutingBatch(req_ids, scores, extra)))
         return finalize_levels(desired, routable, tokens, self.utio_plans, cfg)
 
@@ -276,6 +289,7 @@ class UtioRunnerMixin:
     def execute_model(self, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
         self._utio_recorder.reset()
         self._utio_levels = None
+        self._utio_probing = None
         return super().execute_model(scheduler_output, *args, **kwargs)
 
     def _model_forward(
@@ -316,12 +330,17 @@ class UtioRunnerMixin:
                 )
             self._utio_heat = None
             self.utio_stats.vllm_model_steps += 1
-            self._utio_record(levels, qsl, StepResult(hidden), time.perf_counter() - t0)
+            forward_s = time.perf_counter() - t0
+            self._utio_record(levels, qsl, StepResult(hidden), forward_s)
+            if self._utio_probing is False:
+                self._utio_payoff.observe(int(qsl[-1]), False, forward_s)
             return hidden
         plan = self._utio_step_plan(cm, levels, qsl, throttled)
         t0 = time.perf_counter()
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
         forward_s = time.perf_counter() - t0
+        if self._utio_probing:
+            self._utio_payoff.observe(int(qsl[-1]), True, forward_s)
         self._utio_estimate_verticals(result.heat_inputs, plan.query_start_loc)
         self._utio_heat = self._utio_heat_per_row(result.heat_inputs, plan.query_start_loc)
         self._utio_record(plan.levels, plan.query_start_loc, result, forward_s)
@@ -400,7 +419,11 @@ class UtioRunnerMixin:
             return stack
 
         plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
-        if self._utio_probe is not None:
+        cfg = self.utio_cfg
+        plan.capture_heat = self._utio_estimate is not None or (
+            cfg.router == "surrogate" and cfg.signal.attention_heat > 0.0
+        )
+        if self._utio_probe is not None and self._utio_probing:
             plan.route_layer, plan.route_mid = self._utio_probe.layer, self._utio_route_mid
             if self._utio_mid_sparse:
 
@@ -673,6 +696,7 @@ class UtioRunnerMixin:
         out["request_state_entries"] = len(set(self._utio_signals) | set(self._utio_ranked) | held)
         out["kv_huge_page_bytes"] = self.utio_kv_huge_page_bytes  # a gauge
         out["runner_class"] = type(self).__name__
+        out["routing_payoff"] = self._utio_payoff.as_dict()  # since start (not reset)
         if reset:
             self.utio_stats = UtioStats.for_levels(self.utio_stats.level_names)
             if drafter is not None:
