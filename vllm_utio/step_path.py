@@ -54,6 +54,11 @@ class StepFacts:
     routable: np.ndarray  # per row: may a router move it below full depth
 
 
+def needs_heat(cfg: UtioConfig) -> bool:
+    """Whether the router reads the heat layer's attention (only the loop captures it)."""
+    return cfg.router == "surrogate" and cfg.signal.attention_heat > 0.0
+
+
 def layer_loop_reason(cfg: UtioConfig, facts: StepFacts) -> str | None:
     """Why this step must run UTIO's layer loop, or None if vLLM's model computes exactly
     what the loop would (every row full depth, dense, no signal taken mid-forward)."""
@@ -65,6 +70,6 @@ def layer_loop_reason(cfg: UtioConfig, facts: StepFacts) -> str | None:
         return None  # nothing to route: no signal is read
     if cfg.router == "probe" and facts.routable.any():
         return MID_FORWARD_ROUTING
-    if cfg.router == "surrogate" and cfg.signal.attention_heat > 0.0:
+    if needs_heat(cfg):
         return HEAT_SIGNAL
     return None

@@ -61,7 +61,7 @@ from vllm_utio.routing.probe import load_checked_probe
 from vllm_utio.routing.routers import RoutingBatch, levels_by_name, make_router
 from vllm_utio.speculation import SpeculationStats
 from vllm_utio.stats import StatsLogger, UtioStats
-from vllm_utio.step_path import StepFacts, layer_loop_reason
+from vllm_utio.step_path import StepFacts, layer_loop_reason, needs_heat
 
 logger = get_logger(__name__)
 
@@ -419,10 +419,7 @@ class UtioRunnerMixin:
             return stack
 
         plan = StepPlan(levels, qsl, make_sub_batch, use_sub_batch, full, step_slots)
-        cfg = self.utio_cfg
-        plan.capture_heat = self._utio_estimate is not None or (
-            cfg.router == "surrogate" and cfg.signal.attention_heat > 0.0
-        )
+        plan.capture_heat = self._utio_estimate is not None or needs_heat(self.utio_cfg)
         if self._utio_probe is not None and self._utio_probing:
             plan.route_layer, plan.route_mid = self._utio_probe.layer, self._utio_route_mid
             if self._utio_mid_sparse:
