@@ -251,6 +251,9 @@ def test_select_draft_adaptive_is_lossless(vanilla_llm):
         out = llm.generate(prompts[:4], params, use_tqdm=False)
         opted = _stats(llm)
         assert opted["spec_drafted_tokens"] == 0 and opted["spec_skipped_rows"] > 0
+        # no step of that batch carried a draft: each was sampled without the rejection pass
+        assert opted["spec_plain_sampled_steps"] >= 24
+        assert stats["spec_plain_sampled_steps"] < 32  # drafted steps were verified instead
         assert [list(o.outputs[0].token_ids) for o in out] == [g[:24] for g in got[:4]]
     finally:
         shutdown(llm)

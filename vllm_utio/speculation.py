@@ -93,6 +93,7 @@ class SpeculationStats:
     draft_steps: int = 0  # draft forwards (one per draft position and step)
     draft_s: float = 0.0
     skipped_rows: int = 0  # decode rows given no draft (adaptive, opt-out, no slot)
+    plain_sampled_steps: int = 0  # steps without any draft, sampled by the plain sampler
 
     def as_dict(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {
@@ -104,6 +105,7 @@ class SpeculationStats:
             "spec_draft_steps": self.draft_steps,
             "spec_draft_s": self.draft_s,
             "spec_skipped_rows": self.skipped_rows,
+            "spec_plain_sampled_steps": self.plain_sampled_steps,
         }
         out["spec_acceptance_rate"] = (
             self.accepted_tokens / self.verified_tokens if self.verified_tokens else 0.0

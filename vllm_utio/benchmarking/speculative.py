@@ -2,7 +2,8 @@
 
     vllm-utio bench-spec [--quick] [-o results/speculative.json]
 
-Every engine (one at a time: each has its own KV cache) runs the same greedy requests:
+Every engine (one at a time, or with ``--interleave`` all alive and each cell's repeats
+taken in turns; each has its own KV cache) runs the same greedy requests:
 
 - long context: Wikipedia prompts of each ``--context-lens`` length, at each batch size;
 - short (``--short``): ShareGPT first turns and 64/512-token Wikipedia prompts.
@@ -145,11 +146,24 @@ def run_cell(llm: Any, prompts: list[Any], output_len: int, logprobs: bool = Fal
     return sample
 
 
-def _draft_seconds(llm: Any, utio: dict[str, Any] | None) -> float | None:
-    """Seconds UTIO's drafter spent since the last call (UTIO speculation engines only)."""
+# vLLM's spec-decode counters, as UTIO's drafter counts them (its verifications are
+# vLLM's drafts: requests x steps whose drafts were verified)
+UTIO_SPEC_COUNTERS = {
+    "drafts": "spec_verifications",
+    "draft_tokens": "spec_verified_tokens",
+    "accepted": "spec_accepted_tokens",
+}
+
+
+def _utio_spec(llm: Any, utio: dict[str, Any] | None) -> dict[str, float] | None:
+    """UTIO's drafter counters since the last call (UTIO speculation engines only): draft
+    seconds and the spec counters. Read per engine (``utio_stats``), unlike vLLM's metrics:
+    a new engine unregisters the Prometheus metrics of engines made before it."""
     if not utio or "speculate" not in utio:
         return None
-    return float(llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]["spec_draft_s"])
+    stats = llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
+    got = {k: float(stats[v]) for k, v in UTIO_SPEC_COUNTERS.items()}
+    return {**got, "draft_s": float(stats["spec_draft_s"])}
 
 
 def top2_gaps(outs: list[Any]) -> list[list[float]]:
@@ -340,6 +354,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="engines to run (default: all; vanilla always runs first, as the reference)",
     )
     parser.add_argument("--short", action="store_true", help="add the short-prompt workloads")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every engine alive and interleave each cell's repeats across engines "
+        "(machine drift then hits all engines alike; needs memory for all their KV caches)",
+    )
     parser.add_argument("--quick", action="store_true", help="one 700-token context, batch 2")
     parser.add_argument("-o", "--out", type=Path, default=Path("results/speculative.json"))
     parser.add_argument(
@@ -352,6 +372,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     lp.add_block_size_argument(parser)
     lp.add_dtype_argument(parser)
+
+
+class _Bench:
+    """The runs of one bench-spec invocation: warm-ups, timed repeats, the samples."""
+
+    def __init__(self, table: dict[str, dict[str, Any]], cells: list[dict], output_len: int):
+        self.table = table
+        self.cells = cells
+        self.output_len = output_len
+        self.references: dict[int, dict[str, Any]] = {}
+        self.samples: list[dict[str, Any]] = []
+
+    def warm(self, llm: Any, name: str, c: int) -> None:
+        """Vanilla: the untimed reference run (top-2 logprobs); others: a short run that
+        prefills the cell's prompts into the prefix cache."""
+        prompts = self.cells[c]["prompts"]
+        if name == "vanilla":
+            self.references[c] = run_cell(llm, prompts, self.output_len, True)
+        else:
+            run_cell(llm, prompts, 4)
+
+    def measure(self, llm: Any, name: str, c: int, repeat: int) -> dict[str, Any]:
+        utio = self.table[name]["utio"]
+        _utio_spec(llm, utio)  # resets the counters
+        s = run_cell(llm, self.cells[c]["prompts"], self.output_len)
+        own = _utio_spec(llm, utio)
+        s.update(own or {"draft_s": None})  # UTIO's counters replace vLLM's metrics
+        s.update(engine=name, cell=c, repeat=repeat)
+        s["identity"] = identity(s["tokens"], self.references[c])
+        self.samples.append(s)
+        return s
+
+
+def _progress(bar: Any, name: str, cell: dict[str, Any], s: dict[str, Any]) -> None:
+    bar.set_postfix_str(
+        f"{name} ctx={cell['context']} b={cell['batch']} {s['decode_tok_s'] or 0:.1f} tok/s"
+    )
+    bar.update()
+
+
+def _run_one_by_one(bench: _Bench, names: list[str], make: Any, repeats: int, bar: Any) -> None:
+    """One engine at a time (vanilla first), each through every cell."""
+    for name in names:
+        bar.set_postfix_str(f"starting {name}")
+        llm = make(name)
+        try:
+            for c, cell in enumerate(bench.cells):
+                bar.set_postfix_str(f"{name} warm-up ctx={cell['context']} b={cell['batch']}")
+                bench.warm(llm, name, c)
+                for repeat in range(repeats):
+                    _progress(bar, name, cell, bench.measure(llm, name, c, repeat))
+        finally:
+            lp.shutdown(llm)
+
+
+def _run_interleaved(bench: _Bench, names: list[str], make: Any, repeats: int, bar: Any) -> None:
+    """Every engine alive; per cell, each repeat runs every engine once, in turn. An engine
+    with vLLM's own speculation is made last: its counters are vLLM's Prometheus metrics,
+    which the next engine made would unregister."""
+    own_spec = [n for n in names if bench.table[n]["spec"] is not None]
+    if len(own_spec) > 1:
+        raise SystemExit(
+            f"--interleave: at most one engine with vLLM's own speculation, got {own_spec} "
+            "(each new engine unregisters the metrics its counters come from)"
+        )
+    llms: dict[str, Any] = {}
+    try:
+        for name in [n for n in names if n not in own_spec] + own_spec:
+            bar.set_postfix_str(f"starting {name}")
+            llms[name] = make(name)
+        for c, cell in enumerate(bench.cells):
+            for name in names:
+                bar.set_postfix_str(f"{name} warm-up ctx={cell['context']} b={cell['batch']}")
+                bench.warm(llms[name], name, c)
+            for repeat in range(repeats):
+                for name in names:
+                    _progress(bar, name, cell, bench.measure(llms[name], name, c, repeat))
+    finally:
+        for llm in llms.values():
+            lp.shutdown(llm)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -384,45 +484,29 @@ def run(args: argparse.Namespace) -> int:
         )
     per_token = lp.kv_bytes_per_token(model, dtype)
     kv = max(256 << 20, int(1.2 * max(args.batch_sizes) * longest * per_token))
-    samples: list[dict[str, Any]] = []
-    references: dict[int, dict[str, Any]] = {}
+
+    def make(name: str) -> Any:
+        kw = lp.engine_kwargs(
+            longest,
+            max(args.batch_sizes),
+            kv,
+            False,
+            utio=table[name]["utio"],
+            block_size=args.block_size,
+            dtype=dtype,
+        )
+        if table[name]["spec"] is not None:
+            kw["speculative_config"] = table[name]["spec"]
+        return LLM(model, **kw)
+
+    bench = _Bench(table, cells, args.output_len)
     total = len(names) * len(cells) * args.repeats
     with tqdm(total=total, desc="bench-spec", unit="run") as bar:
-        for name in names:
-            bar.set_postfix_str(f"starting {name}")
-            kw = lp.engine_kwargs(
-                longest,
-                max(args.batch_sizes),
-                kv,
-                False,
-                utio=table[name]["utio"],
-                block_size=args.block_size,
-                dtype=dtype,
-            )
-            if table[name]["spec"] is not None:
-                kw["speculative_config"] = table[name]["spec"]
-            llm = LLM(model, **kw)
-            try:
-                for c, cell in enumerate(cells):
-                    bar.set_postfix_str(f"{name} warm-up ctx={cell['context']} b={cell['batch']}")
-                    if name == "vanilla":  # the reference, with top-2 logprobs (untimed)
-                        references[c] = run_cell(llm, cell["prompts"], args.output_len, True)
-                    else:
-                        run_cell(llm, cell["prompts"], 4)  # prefill into the prefix cache
-                    for repeat in range(args.repeats):
-                        _draft_seconds(llm, table[name]["utio"])  # resets the counters
-                        s = run_cell(llm, cell["prompts"], args.output_len)
-                        s["draft_s"] = _draft_seconds(llm, table[name]["utio"])
-                        s.update(engine=name, cell=c, repeat=repeat)
-                        s["identity"] = identity(s["tokens"], references[c])
-                        samples.append(s)
-                        bar.set_postfix_str(
-                            f"{name} ctx={cell['context']} b={cell['batch']} "
-                            f"{s['decode_tok_s'] or 0:.1f} tok/s"
-                        )
-                        bar.update()
-            finally:
-                lp.shutdown(llm)
+        if args.interleave:
+            _run_interleaved(bench, names, make, args.repeats, bar)
+        else:
+            _run_one_by_one(bench, names, make, args.repeats, bar)
+    samples = bench.samples
     results = {
         "kind": "self-speculation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -437,13 +521,19 @@ def run(args: argparse.Namespace) -> int:
             "tokens": args.tokens,
             "engines": {n: table[n] for n in names},
             "kv_cache_bytes": kv,
+            "interleaved": args.interleave,
         },
         "cells": [{k: v for k, v in c.items() if k != "prompts"} for c in cells],
         "samples": [{k: v for k, v in s.items() if k != "tokens"} for s in samples],
         "summary": summarize(samples, cells),
         "notes": [
-            "engines run one after another, each with its own KV cache (prefix caching on); "
-            "vanilla first: its untimed reference run (top-2 logprobs) defines identity",
+            (
+                "engines alive together, each cell's repeats interleaved across engines"
+                if args.interleave
+                else "engines run one after another"
+            )
+            + ", each with its own KV cache (prefix caching on); vanilla first: its untimed "
+            "reference run (top-2 logprobs) defines identity",
             tie_note(),
             "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
             "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "

@@ -660,6 +660,19 @@ class UtioRunnerMixin:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *a, **k)
         return self._utio_drafter.propose(scheduler_output, sampled_token_ids)
 
+    def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
+        # with speculation configured vLLM sends every step through its rejection sampler,
+        # drafts or not; a step whose requests carry no draft samples exactly as a plain
+        # step, so it takes the plain sampler (the rejection pass cost ~0.8 ms a step here)
+        if (
+            self._utio_drafter is not None
+            and spec_decode_metadata is not None
+            and spec_decode_metadata.max_spec_len == 0
+        ):
+            self._utio_drafter.stats.plain_sampled_steps += 1
+            spec_decode_metadata = None
+        return super()._sample(logits, spec_decode_metadata)
+
     @contextlib.contextmanager
     def _utio_drafting(self, cm: Any, levels: np.ndarray, req_ids: list[str]):
         """Make ``_model_forward`` run a draft batch: its CM, levels, request ids and the
