@@ -2,7 +2,7 @@
 VENV ?= $(or $(UTIO_VENV),.venv)
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint suffix
 
 setup:
 	bash scripts/setup.sh
@@ -15,3 +15,7 @@ test: setup
 
 lint:
 	$(VENV)/bin/ruff check .
+
+# optional: vLLM's suffix speculation for `vllm-utio bench-spec --engines suffix`
+suffix: setup
+	bash scripts/build_suffix_decoding.sh

@@ -134,3 +134,28 @@ def test_identity_counts_one_bf16_step_as_a_near_tie():
     # an earlier run split at 0.1 is re-split under the current rule
     old = {**got, "near_ties": [], "mismatches": got["near_ties"] + got["mismatches"]}
     assert reclassify(old) == got
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_bench_spec_engines_are_valid_configs(block_size):
+    from vllm_utio.benchmarking.speculative import engines
+
+    table = engines(4, block_size)
+    assert table["vanilla"] == {"utio": None, "spec": None}
+    # vLLM's own methods run without UTIO, capped at the same draft count
+    for name in ("ngram", "suffix"):
+        assert table[name]["utio"] is None
+        assert table[name]["spec"]["method"] == name
+        assert table[name]["spec"]["num_speculative_tokens"] == 4
+    # suffix from each prompt alone: no tree of earlier repeats' answers to the same prompt
+    assert table["suffix"]["spec"]["suffix_decoding_max_cached_requests"] == 0
+    drafts = {}
+    for name, engine in table.items():
+        if engine["utio"] is not None:
+            cfg = parse_utio_config(engine["utio"])  # raises on a config UTIO rejects
+            if cfg.speculate is not None:
+                drafts[name] = (cfg.speculate.draft.attention.policy, cfg.decode_kernel)
+    assert drafts["spec-vslash-utio-kernel"] == ("vslash", "utio")
+    assert drafts["spec-skip-utio-kernel"] == ("dense", "utio")
+    # select finds facts only with fine blocks: no select drafts at 128-token blocks
+    assert ("spec-sparq768-utio-kernel" in drafts) == (block_size <= 64)

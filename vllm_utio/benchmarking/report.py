@@ -247,6 +247,7 @@ def render(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, v, s = results["machine"], results["versions"], results["settings"]
     isa = f" ({m['isa']})" if m.get("isa") else ""
+    isa += f" [{m['cpu_id']}]" if m.get("cpu_id") else ""
     blocks = f", {s['block_size']}-token KV blocks" if s.get("block_size") else ""
     lines = [
         f"# UTIO benchmark, {results['created'][:10]}",

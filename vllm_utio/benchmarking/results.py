@@ -145,18 +145,27 @@ SCHEMA: dict[str, Any] = {
 
 def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not key.strip():
+                break  # the first processor's block is enough
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
     import torch
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {
         "cpu": cpu,
+        # the generation behind one model name: "AMD EPYC" here was a Zen 5 on 2026-12-04
+        # and a Zen 4 (family 25, model 17) on 2026-12-06, where UTIO's AVX-512 kernel
+        # gains far less; compare speeds only within one run
+        "cpu_id": " ".join(
+            f"{k} {fields[k]}" for k in ("vendor_id", "cpu family", "model") if k in fields
+        ),
         # AVX2 / AVX512 / ...: decides whether bf16 runs natively, so speeds differ by ISA
         "isa": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),

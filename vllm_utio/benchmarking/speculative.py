@@ -1,4 +1,4 @@
-"""Self-speculation vs vanilla vLLM and vLLM's own ngram speculation, in one run.
+"""Self-speculation vs vanilla vLLM and vLLM's own ngram and suffix speculation, in one run.
 
     vllm-utio bench-spec [--quick] [-o results/speculative.json]
 
@@ -65,6 +65,18 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
                 "prompt_lookup_min": 2,
             },
         },
+        # vLLM's suffix decoding (`make suffix`), capped at the same draft count as every
+        # other engine, from each request's prompt only: its global tree of past outputs
+        # would hold the previous repeat's answer to the same prompt (seen: 2-4x vanilla
+        # from the second repeat on)
+        "suffix": {
+            "utio": None,
+            "spec": {
+                "method": "suffix",
+                "num_speculative_tokens": tokens,
+                "suffix_decoding_max_cached_requests": 0,
+            },
+        },
         "spec-throttle": {"utio": utio({"attention": lp.POLICIES["throttle"]}), "spec": None},
         "spec-throttle-fixed": {
             "utio": utio({"attention": lp.POLICIES["throttle"]}, adaptive=False),
@@ -86,9 +98,20 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "utio": {"enabled": True, "router": "forced", "decode_kernel": "utio"},
             "spec": None,
         },
+        "spec-vslash-utio-kernel": {
+            "utio": utio({"attention": lp.POLICIES["vslash"]}, kernel="utio"),
+            "spec": None,
+        },
         "spec-skip": {
             "utio": {
                 **utio({"attention": {"policy": "dense"}, "bucket": "draft"}),
+                "buckets": [SKIP_BUCKET],
+            },
+            "spec": None,
+        },
+        "spec-skip-utio-kernel": {
+            "utio": {
+                **utio({"attention": {"policy": "dense"}, "bucket": "draft"}, kernel="utio"),
                 "buckets": [SKIP_BUCKET],
             },
             "spec": None,
@@ -119,18 +142,26 @@ def _counters(llm: Any) -> dict[str, float]:
     return got
 
 
-def run_cell(llm: Any, prompts: list[Any], output_len: int, logprobs: bool = False) -> dict:
-    """One greedy generate() call: decode tok/s, tokens, spec counters (and logprobs)."""
+def run_cell(
+    llm: Any,
+    prompts: list[Any],
+    output_len: int,
+    logprobs: bool = False,
+    vllm_counters: bool = True,
+) -> dict:
+    """One greedy generate() call: decode tok/s, tokens, spec counters (and logprobs).
+    ``vllm_counters`` False: no reading of vLLM's metrics (the caller counts; zeros)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
         temperature=0.0, max_tokens=output_len, ignore_eos=True, logprobs=2 if logprobs else None
     )
-    before = _counters(llm)
+    zeros = dict.fromkeys(SPEC_COUNTERS, 0.0)
+    before = _counters(llm) if vllm_counters else zeros
     t0 = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - t0
-    after = _counters(llm)
+    after = _counters(llm) if vllm_counters else zeros
     n_out = min(len(o.outputs[0].token_ids) for o in outs)
     decode_s = max(o.metrics.last_token_ts for o in outs) - max(
         o.metrics.first_token_ts for o in outs
@@ -305,6 +336,13 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
     return rows
 
 
+def _machine_line(m: dict[str, Any]) -> list[str]:
+    if not m:
+        return []
+    cpu_id = f" [{m['cpu_id']}]" if m.get("cpu_id") else ""
+    return ["", f"Machine: {m.get('cpu')}{cpu_id}, {m.get('cores')} cores, {m.get('isa')}."]
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
@@ -313,6 +351,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model {Path(s['model']).name}, {s['dtype']}, KV blocks of {s['block_size']}, "
         f"{s['output_len']} new tokens (greedy, ignore_eos), up to {s['tokens']} draft tokens, "
         f"{s['repeats']} repeats (median, min-max).",
+        *_machine_line(results.get("machine") or {}),
         "",
         "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla | acceptance "
         "| tokens / verification | drafts / output token | drafting, share of wall time "
@@ -395,10 +434,9 @@ class _Bench:
 
     def measure(self, llm: Any, name: str, c: int, repeat: int) -> dict[str, Any]:
         utio = self.table[name]["utio"]
-        _utio_spec(llm, utio)  # resets the counters
-        s = run_cell(llm, self.cells[c]["prompts"], self.output_len)
-        own = _utio_spec(llm, utio)
-        s.update(own or {"draft_s": None})  # UTIO's counters replace vLLM's metrics
+        counted = _utio_spec(llm, utio) is not None  # UTIO's drafter counts (and resets)
+        s = run_cell(llm, self.cells[c]["prompts"], self.output_len, vllm_counters=not counted)
+        s.update(_utio_spec(llm, utio) or {"draft_s": None})
         s.update(engine=name, cell=c, repeat=repeat)
         s["identity"] = identity(s["tokens"], self.references[c])
         self.samples.append(s)
@@ -425,6 +463,13 @@ def _run_one_by_one(bench: _Bench, names: list[str], make: Any, repeats: int, ba
                     _progress(bar, name, cell, bench.measure(llm, name, c, repeat))
         finally:
             lp.shutdown(llm)
+
+
+def _has_suffix_tree() -> bool:
+    """Whether vLLM's suffix speculation can run (arctic-inference's suffix tree)."""
+    from importlib.util import find_spec
+
+    return find_spec("arctic_inference") is not None
 
 
 def _run_interleaved(bench: _Bench, names: list[str], make: Any, repeats: int, bar: Any) -> None:
@@ -467,10 +512,17 @@ def run(args: argparse.Namespace) -> int:
     model = str(args.model or default_model_dir())
     dtype = lp.resolve_dtype(args.dtype)
     table = engines(args.tokens, args.block_size)
-    names = ["vanilla", *[e for e in (args.engines or table) if e != "vanilla"]]
+    # by default every engine, suffix only where its suffix tree is installed
+    chosen = args.engines or [e for e in table if e != "suffix" or _has_suffix_tree()]
+    names = ["vanilla", *[e for e in chosen if e != "vanilla"]]
     unknown = [e for e in names if e not in table]
     if unknown:
         raise SystemExit(f"unknown engines {unknown}; allowed: {list(table)}")
+    if "suffix" in names and not _has_suffix_tree():
+        raise SystemExit(
+            "engine 'suffix' needs arctic-inference's suffix tree, not installed: run "
+            "`make suffix` (scripts/build_suffix_decoding.sh)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(model)
     cells = workloads(args, tokenizer)
     longest = max(c["context"] or 2048 for c in cells) + args.output_len + args.tokens + 8
@@ -538,7 +590,6 @@ def run(args: argparse.Namespace) -> int:
             "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
             "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "
             "proposed per generated token (the adaptive rule drafts less where it does not pay)",
-            "vLLM's suffix speculation needs the arctic-inference package, not installed here",
         ],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
