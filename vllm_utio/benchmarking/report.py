@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_utio.benchmarking import report_long
-from vllm_utio.benchmarking.results import load
+from vllm_utio.benchmarking.results import cpu_label, load
 
 BASELINE = "vanilla"
 
@@ -246,13 +246,11 @@ def speedup_section(table: list[dict[str, Any]], full: str = "utio-full") -> lis
 def render(results: dict[str, Any], out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     m, v, s = results["machine"], results["versions"], results["settings"]
-    isa = f" ({m['isa']})" if m.get("isa") else ""
-    isa += f" [{m['cpu_id']}]" if m.get("cpu_id") else ""
     blocks = f", {s['block_size']}-token KV blocks" if s.get("block_size") else ""
     lines = [
         f"# UTIO benchmark, {results['created'][:10]}",
         "",
-        f"Machine: {m['cpu']}{isa}, {m['cores']} cores, {m['memory_gib']} GiB. "
+        f"Machine: {cpu_label(m)}, {m['cores']} cores, {m['memory_gib']} GiB. "
         f"vLLM {v['vllm']}, torch {v['torch']}, vllm-utio {v['vllm_utio']}.",
         f"Settings: batch sizes {s['batch_sizes']}, prompt lengths {s['prompt_lens']}, "
         f"{s['output_len']} output tokens, greedy, ignore_eos, {s['dtype']}{blocks}, "

@@ -174,6 +174,13 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def cpu_label(machine: dict[str, Any]) -> str:
+    """``machine_info``'s CPU as reports print it: name (ISA) [vendor, family, model]."""
+    isa = f" ({machine['isa']})" if machine.get("isa") else ""
+    cpu_id = f" [{machine['cpu_id']}]" if machine.get("cpu_id") else ""
+    return f"{machine.get('cpu')}{isa}{cpu_id}"
+
+
 def version_info() -> dict[str, str]:
     import torch
     import vllm

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.benchmarking.long_context import corpus_ids, long_prompts
-from vllm_utio.benchmarking.results import machine_info, version_info
+from vllm_utio.benchmarking.results import cpu_label, machine_info, version_info
 
 # One bf16 step of a logit in [16, 32): top-2 gaps are differences of bf16 logits, and
 # vanilla's own timed runs differ from its reference run at gaps of 0 to 0.125 (and once
@@ -336,13 +336,6 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
     return rows
 
 
-def _machine_line(m: dict[str, Any]) -> list[str]:
-    if not m:
-        return []
-    cpu_id = f" [{m['cpu_id']}]" if m.get("cpu_id") else ""
-    return ["", f"Machine: {m.get('cpu')}{cpu_id}, {m.get('cores')} cores, {m.get('isa')}."]
-
-
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
@@ -351,7 +344,11 @@ def markdown(results: dict[str, Any]) -> str:
         f"Model {Path(s['model']).name}, {s['dtype']}, KV blocks of {s['block_size']}, "
         f"{s['output_len']} new tokens (greedy, ignore_eos), up to {s['tokens']} draft tokens, "
         f"{s['repeats']} repeats (median, min-max).",
-        *_machine_line(results.get("machine") or {}),
+        *(
+            ["", f"Machine: {cpu_label(m)}, {m.get('cores')} cores."]
+            if (m := results.get("machine"))
+            else []
+        ),
         "",
         "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla | acceptance "
         "| tokens / verification | drafts / output token | drafting, share of wall time "
