@@ -263,7 +263,8 @@ def test_sampling_keeps_target_distribution(spec_llm, vanilla_llm):
     """Sampled requests: the second token (the first one verified against drafts) follows
     the full model's distribution: among samples whose first token is the most frequent
     one, each likely second token's frequency under speculation and under vanilla vLLM
-    differ by less than 4.5 standard deviations of a two-sample binomial test."""
+    differ by less than 4.5 standard deviations of a two-sample binomial test; and the
+    drafts are accepted as often as a sampled target allows."""
     from vllm import SamplingParams
 
     prompt = "Question: What is the capital of France?\nAnswer:"
@@ -276,7 +277,9 @@ def test_sampling_keeps_target_distribution(spec_llm, vanilla_llm):
         outs = llm.generate([prompt] * n, params, use_tqdm=False)
         return [tuple(o.outputs[0].token_ids[:2]) for o in outs]
 
+    _stats(spec_llm)
     spec, ref = pairs(spec_llm), pairs(vanilla_llm)
+    stats = _stats(spec_llm)
     top, _ = Counter(p[0] for p in ref).most_common(1)[0]
     a = Counter(p[1] for p in spec if p[0] == top)
     b = Counter(p[1] for p in ref if p[0] == top)
@@ -287,7 +290,11 @@ def test_sampling_keeps_target_distribution(spec_llm, vanilla_llm):
         pooled = (a[token] + b[token]) / (na + nb)
         sd = math.sqrt(pooled * (1 - pooled) * (1 / na + 1 / nb)) or 1e-9
         assert abs(pa - pb) <= 4.5 * sd + 0.01, (token, pa, pb, sd)
-    assert _stats(spec_llm)["spec_verified_tokens"] > 0
+    # drafts are accepted about half the time (0.45-0.47); with vLLM 0.32's CPU
+    # expand_kernel left in place (vllm-project/vllm#55005) the temperature was garbage,
+    # nearly none were (0.00-0.01) and this test failed only when the garbage was bad
+    assert stats["spec_verified_tokens"] > 0
+    assert stats["spec_acceptance_rate"] > 0.2, stats["spec_acceptance_rate"]
 
 
 def _decode_kernel_in_worker(wrapper) -> bool:

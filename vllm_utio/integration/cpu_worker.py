@@ -8,6 +8,7 @@ import torch
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from vllm_utio.integration.cpu_sampling_fix import fix_expand_kernel
 from vllm_utio.integration.huge_pages import back_with_huge_pages
 from vllm_utio.integration.runner import UtioRunnerMixin
 from vllm_utio.integration.version import check_vllm_version
@@ -30,6 +31,8 @@ class UtioCPUWorker(UtioWorkerRpcMixin, CPUWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_vllm_version()
         super().__init__(*args, **kwargs)
+        # vLLM registered its CPU kernel stand-ins before building this worker
+        fix_expand_kernel()
 
     def init_device(self) -> None:
         super().init_device()
