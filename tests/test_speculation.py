@@ -159,3 +159,52 @@ def test_bench_spec_engines_are_valid_configs(block_size):
     assert drafts["spec-skip-utio-kernel"] == ("dense", "utio")
     # select finds facts only with fine blocks: no select drafts at 128-token blocks
     assert ("spec-sparq768-utio-kernel" in drafts) == (block_size <= 64)
+
+
+def _bench_spec_args(*argv: str):
+    import argparse
+
+    from vllm_utio.benchmarking.speculative import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_bench_spec_sampled_refuses_vllms_own_speculation():
+    """vLLM 0.32's CPU rejection sampler samples its own speculation engines under
+    uninitialised temperatures (vllm-project/vllm#55005): a sampled run refuses them,
+    naming the issue, before any engine starts; a negative temperature is refused too."""
+    from vllm_utio.benchmarking.speculative import run
+
+    args = _bench_spec_args("--temperature", "0.8", "--engines", "ngram", "spec-throttle")
+    with pytest.raises(SystemExit, match=r"\['ngram'\].*55005"):
+        run(args)
+    with pytest.raises(SystemExit, match="--temperature must be >= 0"):
+        run(_bench_spec_args("--temperature", "-1", "--engines", "spec-throttle"))
+
+
+def test_bench_spec_sampled_table_compares_no_outputs():
+    from vllm_utio.benchmarking.speculative import markdown
+
+    row = {
+        "engine": "spec-throttle",
+        "workload": "wikipedia",
+        "context": 4096,
+        "batch": 8,
+        "decode_tok_s": 50.0,
+        "tok_s_min": 49.0,
+        "tok_s_max": 51.0,
+        "speedup": 1.1,
+        "acceptance": 0.6,
+        "tokens_per_verification": 2.5,
+        "draft_tokens_per_output": 0.8,
+        "draft_share": 0.2,
+        "identity": None,
+    }
+    settings = {"model": "m", "dtype": "bfloat16", "block_size": 32, "output_len": 64}
+    settings |= {"repeats": 2, "tokens": 4, "temperature": 0.8}
+    text = markdown({"created": "2026-12-06", "settings": settings, "summary": [row], "notes": []})
+    assert "(temperature 0.8, ignore_eos)" in text
+    (line,) = [x for x in text.splitlines() if x.startswith("| wikipedia")]
+    assert line.endswith("| 20% | - | - | - |")

@@ -3,7 +3,8 @@
     vllm-utio bench-spec [--quick] [-o results/speculative.json]
 
 Every engine (one at a time, or with ``--interleave`` all alive and each cell's repeats
-taken in turns; each has its own KV cache) runs the same greedy requests:
+taken in turns; each has its own KV cache) runs the same greedy requests (sampled ones
+with ``--temperature``):
 
 - long context: Wikipedia prompts of each ``--context-lens`` length, at each batch size;
 - short (``--short``): ShareGPT first turns and 64/512-token Wikipedia prompts.
@@ -13,7 +14,11 @@ token of the batch, engine timestamps, prompts prefilled by a warm-up run first)
 speculation counters from vLLM's own metrics (drafts, draft tokens, accepted tokens), and
 greedy identity against vanilla: a reference run of vanilla with top-2 logprobs gives, for
 every output that differs, the first differing position and vanilla's top-2 logprob gap
-there ("near tie" up to ``NEAR_TIE_NATS``: bf16 noise can flip such a choice).
+there ("near tie" up to ``NEAR_TIE_NATS``: bf16 noise can flip such a choice). Sampled
+runs compare no outputs (tests/test_engine_speculate.py tests that speculation keeps the
+target distribution) and refuse vLLM's own speculation engines: vLLM 0.32's CPU rejection
+sampler samples them under uninitialised temperatures (vllm-project/vllm#55005; UTIO's
+worker replaces the broken kernel, vanilla vLLM's does not).
 Writes JSON and a markdown table (``.md`` next to it); ``--render FILE`` rewrites an
 earlier run's table under the current near-tie rule.
 """
@@ -148,13 +153,18 @@ def run_cell(
     output_len: int,
     logprobs: bool = False,
     vllm_counters: bool = True,
+    temperature: float = 0.0,
 ) -> dict:
-    """One greedy generate() call: decode tok/s, tokens, spec counters (and logprobs).
-    ``vllm_counters`` False: no reading of vLLM's metrics (the caller counts; zeros)."""
+    """One generate() call (greedy unless ``temperature``): decode tok/s, tokens, spec
+    counters (and logprobs). ``vllm_counters`` False: no reading of vLLM's metrics (the
+    caller counts; zeros)."""
     from vllm import SamplingParams
 
     params = SamplingParams(
-        temperature=0.0, max_tokens=output_len, ignore_eos=True, logprobs=2 if logprobs else None
+        temperature=temperature,
+        max_tokens=output_len,
+        ignore_eos=True,
+        logprobs=2 if logprobs else None,
     )
     zeros = dict.fromkeys(SPEC_COUNTERS, 0.0)
     before = _counters(llm) if vllm_counters else zeros
@@ -251,7 +261,7 @@ def render(path: Path) -> int:
     """Rewrite an earlier run's JSON and markdown under the current near-tie rule."""
     results = json.loads(path.read_text())
     for row in [*results["summary"], *results["samples"]]:
-        if "identity" in row:
+        if row.get("identity"):
             row["identity"] = reclassify(row["identity"])
     results["notes"] = [tie_note() if n.startswith("near tie:") else n for n in results["notes"]]
     path.write_text(json.dumps(results, indent=1))
@@ -338,11 +348,14 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
 
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
+    temperature = s.get("temperature", 0.0)
+    sampling = f"temperature {temperature}" if temperature else "greedy"
     lines = [
         f"# Self-speculation, {results['created'][:10]}",
         "",
         f"Model {Path(s['model']).name}, {s['dtype']}, KV blocks of {s['block_size']}, "
-        f"{s['output_len']} new tokens (greedy, ignore_eos), up to {s['tokens']} draft tokens, "
+        f"{s['output_len']} new tokens ({sampling}, ignore_eos), up to {s['tokens']} draft "
+        "tokens, "
         f"{s['repeats']} repeats (median, min-max).",
         *(
             ["", f"Machine: {cpu_label(m)}, {m.get('cores')} cores."]
@@ -360,17 +373,25 @@ def markdown(results: dict[str, Any]) -> str:
         return "-" if v is None else fmt.format(v)
 
     for r in results["summary"]:
-        ident = r["identity"]
         lines.append(
             f"| {r['workload']} | {r['context'] or '-'} | {r['batch']} | {r['engine']} | "
             f"{f(r['decode_tok_s'], '{:.1f}')} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}) | "
             f"{f(r['speedup'])}x | {f(r['acceptance'])} | {f(r['tokens_per_verification'])} | "
             f"{f(r['draft_tokens_per_output'])} | {f(r.get('draft_share'), '{:.0%}')} | "
-            f"{ident['identical']}/{ident['outputs']} | "
-            f"{len(ident['near_ties'])} | {len(ident['mismatches'])} |"
+            f"{_identity_cells(r['identity'])} |"
         )
     lines += ["", *[f"- {n}" for n in results["notes"]], ""]
     return "\n".join(lines)
+
+
+def _identity_cells(ident: dict[str, Any] | None) -> str:
+    """The identical / near ties / other mismatches cells ('-' for a sampled run)."""
+    if ident is None:
+        return "- | - | -"
+    return (
+        f"{ident['identical']}/{ident['outputs']} | {len(ident['near_ties'])} | "
+        f"{len(ident['mismatches'])}"
+    )
 
 
 # --------------------------------------------------------------------------- CLI
@@ -383,6 +404,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=4, help="most draft tokens per step")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="sample at this temperature (default 0: greedy, outputs compared with vanilla's)",
+    )
     parser.add_argument(
         "--engines",
         nargs="+",
@@ -413,18 +440,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class _Bench:
     """The runs of one bench-spec invocation: warm-ups, timed repeats, the samples."""
 
-    def __init__(self, table: dict[str, dict[str, Any]], cells: list[dict], output_len: int):
+    def __init__(
+        self,
+        table: dict[str, dict[str, Any]],
+        cells: list[dict],
+        output_len: int,
+        temperature: float = 0.0,
+    ):
         self.table = table
         self.cells = cells
         self.output_len = output_len
+        self.temperature = temperature
         self.references: dict[int, dict[str, Any]] = {}
         self.samples: list[dict[str, Any]] = []
 
     def warm(self, llm: Any, name: str, c: int) -> None:
-        """Vanilla: the untimed reference run (top-2 logprobs); others: a short run that
-        prefills the cell's prompts into the prefix cache."""
+        """Vanilla, greedy: the untimed reference run (top-2 logprobs); otherwise a short
+        run that prefills the cell's prompts into the prefix cache."""
         prompts = self.cells[c]["prompts"]
-        if name == "vanilla":
+        if name == "vanilla" and not self.temperature:
             self.references[c] = run_cell(llm, prompts, self.output_len, True)
         else:
             run_cell(llm, prompts, 4)
@@ -432,10 +466,17 @@ class _Bench:
     def measure(self, llm: Any, name: str, c: int, repeat: int) -> dict[str, Any]:
         utio = self.table[name]["utio"]
         counted = _utio_spec(llm, utio) is not None  # UTIO's drafter counts (and resets)
-        s = run_cell(llm, self.cells[c]["prompts"], self.output_len, vllm_counters=not counted)
+        s = run_cell(
+            llm,
+            self.cells[c]["prompts"],
+            self.output_len,
+            vllm_counters=not counted,
+            temperature=self.temperature,
+        )
         s.update(_utio_spec(llm, utio) or {"draft_s": None})
         s.update(engine=name, cell=c, repeat=repeat)
-        s["identity"] = identity(s["tokens"], self.references[c])
+        ref = self.references.get(c)
+        s["identity"] = identity(s["tokens"], ref) if ref else None
         self.samples.append(s)
         return s
 
@@ -509,12 +550,27 @@ def run(args: argparse.Namespace) -> int:
     model = str(args.model or default_model_dir())
     dtype = lp.resolve_dtype(args.dtype)
     table = engines(args.tokens, args.block_size)
-    # by default every engine, suffix only where its suffix tree is installed
-    chosen = args.engines or [e for e in table if e != "suffix" or _has_suffix_tree()]
+    # by default every engine, suffix only where its suffix tree is installed (sampled:
+    # no engine of vLLM's own speculation)
+    chosen = args.engines or [
+        e
+        for e in table
+        if (e != "suffix" or _has_suffix_tree())
+        and not (args.temperature and table[e]["spec"] is not None)
+    ]
     names = ["vanilla", *[e for e in chosen if e != "vanilla"]]
     unknown = [e for e in names if e not in table]
     if unknown:
         raise SystemExit(f"unknown engines {unknown}; allowed: {list(table)}")
+    if args.temperature < 0:
+        raise SystemExit(f"--temperature must be >= 0, got {args.temperature}")
+    own = [e for e in names if table[e]["spec"] is not None]
+    if args.temperature and own:
+        raise SystemExit(
+            f"--temperature {args.temperature}: engines {own} use vLLM's own speculation, "
+            "whose CPU rejection sampler samples under uninitialised temperatures in vLLM "
+            "0.32 (vllm-project/vllm#55005); sampled runs take vanilla and UTIO engines only"
+        )
     if "suffix" in names and not _has_suffix_tree():
         raise SystemExit(
             "engine 'suffix' needs arctic-inference's suffix tree, not installed: run "
@@ -548,7 +604,7 @@ def run(args: argparse.Namespace) -> int:
             kw["speculative_config"] = table[name]["spec"]
         return LLM(model, **kw)
 
-    bench = _Bench(table, cells, args.output_len)
+    bench = _Bench(table, cells, args.output_len, args.temperature)
     total = len(names) * len(cells) * args.repeats
     with tqdm(total=total, desc="bench-spec", unit="run") as bar:
         if args.interleave:
@@ -568,6 +624,7 @@ def run(args: argparse.Namespace) -> int:
             "output_len": args.output_len,
             "repeats": args.repeats,
             "tokens": args.tokens,
+            "temperature": args.temperature,
             "engines": {n: table[n] for n in names},
             "kv_cache_bytes": kv,
             "interleaved": args.interleave,
@@ -581,9 +638,15 @@ def run(args: argparse.Namespace) -> int:
                 if args.interleave
                 else "engines run one after another"
             )
-            + ", each with its own KV cache (prefix caching on); vanilla first: its untimed "
-            "reference run (top-2 logprobs) defines identity",
-            tie_note(),
+            + ", each with its own KV cache (prefix caching on); vanilla first"
+            + (
+                f"; sampled at temperature {args.temperature}: outputs are not compared "
+                "(tests/test_engine_speculate.py tests that speculation keeps the target "
+                "distribution)"
+                if args.temperature
+                else ": its untimed reference run (top-2 logprobs) defines identity"
+            ),
+            *([] if args.temperature else [tie_note()]),
             "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
             "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "
             "proposed per generated token (the adaptive rule drafts less where it does not pay)",
