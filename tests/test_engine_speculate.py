@@ -224,7 +224,8 @@ def test_preemption_mid_speculation_is_lossless(vanilla_llm):
 
 
 def test_select_draft_adaptive_is_lossless(vanilla_llm):
-    """Query-aware selection as the draft, adaptive draft counts; and the opt-out."""
+    """Query-aware selection as the draft with a pruned draft head (the first 8192 token
+    ids), adaptive draft counts; and the opt-out."""
     from vllm import SamplingParams
 
     cfg = {
@@ -233,7 +234,8 @@ def test_select_draft_adaptive_is_lossless(vanilla_llm):
             "tokens": 4,
             "row_cost_tokens": 0,
             "verify_token_cost": 0.0,  # (the CPU's measured 0.75 would draft nothing)
-            "draft": {"attention": SELECT},
+            "payoff": "always",  # the cost model alone (timings would decide otherwise)
+            "draft": {"attention": SELECT, "vocab": 8192},
         },
     }
     llm = make_llm(cfg)

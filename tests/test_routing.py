@@ -196,7 +196,7 @@ def _drive_payoff(payoff, loop_s: float, model_s: float, steps: int, size: int =
     routed = []
     for _ in range(steps):
         route = payoff.route(size)
-        payoff.observe(size, route, (loop_s if route else model_s) * size)
+        payoff.observe_step(size, route, (loop_s if route else model_s) * size)
         routed.append(route)
     return routed
 

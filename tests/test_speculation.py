@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vllm_utio.config import UtioConfigError, parse_utio_config
 from vllm_utio.integration.self_draft import draft_read, speculative_config
@@ -208,3 +209,91 @@ def test_bench_spec_sampled_table_compares_no_outputs():
     assert "(temperature 0.8, ignore_eos)" in text
     (line,) = [x for x in text.splitlines() if x.startswith("| wikipedia")]
     assert line.endswith("| 20% | - | - | - |")
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, vocab: int, hidden: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(vocab, hidden))
+        self.bias = None
+
+
+class _Proc:
+    scale, soft_cap, logits_as_input, org_vocab_size = 1.0, None, False, 1000
+
+
+class _Model(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lm_head = _Head(1024, 16)  # padded: 1000 real token ids
+        self.body = torch.nn.Linear(16, 16, bias=False)
+        self.logits_processor = _Proc()
+
+
+def test_draft_head_is_the_argmax_over_its_first_rows():
+    from vllm_utio.integration.self_draft import DraftHead
+
+    model = _Model()
+    head = DraftHead(model, 300)
+    hidden = torch.randn(64, 16)
+    full = hidden @ model.lm_head.weight.T
+    assert torch.equal(head(hidden), full[:, :300].argmax(-1))
+    # a view of the model's weight, not a copy
+    assert head.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    # the share of all weights a draft step no longer reads: rows 300..1023 of the head
+    assert head.saved_share == pytest.approx(724 * 16 / (1024 * 16 + 16 * 16))
+
+
+def test_draft_head_refuses_what_it_cannot_prune():
+    from vllm_utio.integration.self_draft import DraftHead
+
+    model = _Model()
+    with pytest.raises(ValueError, match=r"draft.vocab is 1001, more than the model's 1000"):
+        DraftHead(model, 1001)
+    model.logits_processor.scale = -1.0
+    with pytest.raises(ValueError, match="non-positive"):
+        DraftHead(model, 300)
+    model.lm_head.bias = torch.nn.Parameter(torch.zeros(1024))
+    with pytest.raises(ValueError, match="has a bias"):
+        DraftHead(model, 300)
+    with pytest.raises(ValueError, match="vocab"):
+        parse_utio_config({"speculate": {"draft": {"vocab": 100}}})  # fewer than 256
+
+
+def test_draft_payoff_keeps_drafting_only_while_it_yields_tokens_faster():
+    """The measured payoff of drafting (per proposal-to-proposal cycle, seconds per token
+    yielded): a draft cycle that costs 1.6 plain steps pays at 2 tokens, not at 1.5."""
+    from vllm_utio.path_payoff import PathPayoff
+
+    def drive(tokens_when_drafting: float) -> list[bool]:
+        payoff = PathPayoff("measured", base="plain", alt="draft")
+        chosen = []
+        for _ in range(40):
+            draft = payoff.choose(8)
+            seconds, tokens = (1.6, tokens_when_drafting * 8) if draft else (1.0, 8)
+            payoff.observe(8, draft, seconds, tokens)
+            chosen.append(draft)
+        return chosen
+
+    assert drive(2.0)[-8:] == [True] * 8
+    losing = drive(1.5)
+    assert losing[:2] == [True, False] and sum(losing) <= 5  # then re-checked now and then
+    always = PathPayoff("always", base="plain", alt="draft")
+    assert always.choose(8) and always.as_dict()["size_classes"] == {}
+
+
+def test_drafter_times_each_cycle_on_the_rows_it_proposed_for():
+    """A cycle (one proposal to the next) counts the tokens its rows yielded; a cycle whose
+    rows are all gone (the engine was idle in between) is not a step and is dropped."""
+    from vllm_utio.integration.self_draft import SelfDrafter
+    from vllm_utio.path_payoff import PathPayoff
+
+    drafter = SelfDrafter.__new__(SelfDrafter)  # no runner: only the cycle bookkeeping
+    drafter.payoff = PathPayoff("measured", base="plain", alt="draft")
+    drafter._cycle = (10.0, True, {"a", "b"})
+    drafter._time_cycle(10.5, ["a", "b", "c"], [[1, 2, 3], [4], [5]])  # c: a new request
+    times = drafter.payoff.classes[1]  # 2 rows: size class 1
+    assert times.alt_s == pytest.approx(0.5 / 4) and times.base_s is None
+    drafter._cycle = (20.0, False, {"a", "b"})
+    drafter._time_cycle(99.0, ["x"], [[7]])
+    assert times.base_s is None and drafter._cycle is None

@@ -287,6 +287,15 @@ class DraftPlan(_Strict):
         "every layer). With 'speculate' the buckets are draft plans only: target steps run "
         "full depth.",
     )
+    vocab: int | None = Field(
+        default=None,
+        ge=256,
+        description="Draft only among the first this many token ids (a byte-level BPE "
+        "numbers tokens in merge order, most frequent first): the draft's LM head reads that "
+        "many rows instead of the whole vocabulary (on the default model the head is 21% of "
+        "the weights). A token past it is never drafted, so its position is rejected and "
+        "verification supplies it. Unset: the whole vocabulary.",
+    )
 
 
 class SpeculateConfig(_Strict):
@@ -323,6 +332,14 @@ class SpeculateConfig(_Strict):
         ge=1.0,
         description="adaptive: draft only where the cost model predicts at least this "
         "speed-up over a plain decode step.",
+    )
+    payoff: Literal["measured", "always"] = Field(
+        default="measured",
+        description="adaptive: 'measured' lets rows draft only while steps that drafted "
+        "have yielded tokens faster (wall time per token, drafting included) than steps "
+        "that did not, per batch size, re-measuring the other way every 8-128 steps: the "
+        "cost model's costs are estimates, and on a machine where a draft step costs more "
+        "than they say drafting loses. 'always': the cost model alone decides.",
     )
 
     def token_cost(self, decode_kernel: str) -> float:

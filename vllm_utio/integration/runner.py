@@ -333,14 +333,14 @@ class UtioRunnerMixin:
             forward_s = time.perf_counter() - t0
             self._utio_record(levels, qsl, StepResult(hidden), forward_s)
             if self._utio_probing is False:
-                self._utio_payoff.observe(int(qsl[-1]), False, forward_s)
+                self._utio_payoff.observe_step(int(qsl[-1]), False, forward_s)
             return hidden
         plan = self._utio_step_plan(cm, levels, qsl, throttled)
         t0 = time.perf_counter()
         result = self._utio_executor.run(input_ids, positions, inputs_embeds, plan)
         forward_s = time.perf_counter() - t0
         if self._utio_probing:
-            self._utio_payoff.observe(int(qsl[-1]), True, forward_s)
+            self._utio_payoff.observe_step(int(qsl[-1]), True, forward_s)
         self._utio_estimate_verticals(result.heat_inputs, plan.query_start_loc)
         self._utio_heat = self._utio_heat_per_row(result.heat_inputs, plan.query_start_loc)
         self._utio_record(plan.levels, plan.query_start_loc, result, forward_s)
@@ -700,6 +700,7 @@ class UtioRunnerMixin:
         if drafter is not None:
             held |= drafter.request_ids()
             out.update(drafter.stats.as_dict())
+            out["spec_payoff"] = drafter.payoff.as_dict()  # since start (not reset)
             draft = self._utio_draft_stats
             out["spec_draft_kv_tokens_read"] = draft.kv_tokens_read
             out["spec_draft_kv_tokens_dense"] = draft.kv_tokens_dense

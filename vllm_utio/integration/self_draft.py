@@ -16,6 +16,9 @@ so every position that is accepted holds the full model's K/V afterwards, and re
 ones are rewritten before they are read. Drafts only use slots the request already owns
 (vLLM reserves no lookahead for custom proposers), so a request near the end of its last
 block drafts fewer tokens; no other request's block is ever written.
+
+A draft's greedy token comes from vLLM's own ``compute_logits``, or, with ``draft.vocab``,
+from the first ``vocab`` rows of the LM head (:class:`DraftHead`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 from vllm_utio.config import AttentionPolicy, SpeculateConfig
+from vllm_utio.path_payoff import PathPayoff
 from vllm_utio.request_controls import wants_no_speculation
 from vllm_utio.speculation import Acceptance, SpeculationStats, best_draft_count, draft_cost
 
@@ -61,6 +65,50 @@ class UtioDraftProposer:
         )
 
 
+class DraftHead:
+    """The draft's LM head over the first ``rows`` token ids: a view of the model's head
+    weight (no copy), for models whose greedy token is ``argmax(hidden @ weight.T)``."""
+
+    def __init__(self, model: Any, rows: int) -> None:
+        head = getattr(model, "lm_head", None)
+        weight = getattr(head, "weight", None)
+        proc = getattr(model, "logits_processor", None)
+        why = _head_unsupported(head, weight, proc)
+        if why:
+            raise ValueError(f"speculate.draft.vocab: this model's LM head {why}; unset it")
+        vocab = int(getattr(proc, "org_vocab_size", weight.shape[0]))  # without padding rows
+        if rows > vocab:
+            raise ValueError(
+                f"speculate.draft.vocab is {rows}, more than the model's {vocab} token ids"
+            )
+        self.rows = rows
+        self.weight = weight[:rows]
+        total = sum(p.numel() for p in model.parameters())
+        # share of the weights one draft step no longer reads
+        self.saved_share = weight[rows:].numel() / total
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Greedy token ids (all below ``rows``)."""
+        return torch.nn.functional.linear(hidden, self.weight).argmax(dim=-1)
+
+
+def _head_unsupported(head: Any, weight: Any, proc: Any) -> str | None:
+    if head is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return "is not a plain weight matrix"
+    if not weight.dtype.is_floating_point:
+        return "is quantised"
+    if getattr(head, "bias", None) is not None:
+        return "has a bias"
+    if proc is None or getattr(proc, "logits_as_input", False):
+        return "is not applied by vLLM's LogitsProcessor"
+    # a soft cap (tanh) and a positive scale keep the argmax; a negative scale would not
+    if float(getattr(proc, "scale", 1.0)) <= 0.0:
+        return "scales its logits by a non-positive factor"
+    if getattr(head, "tp_size", 1) != 1:
+        return "is split over tensor-parallel ranks"
+    return None
+
+
 def draft_read(policy: AttentionPolicy, seq_len: int, block_size: int, layers: int) -> int:
     """KV positions a draft token of ``policy`` reads per layer (averaged over layers)."""
     if policy.policy == "dense":
@@ -86,10 +134,18 @@ class SelfDrafter:
         self.level = draft_level
         self.stats = SpeculationStats()
         self.acceptance: dict[str, Acceptance] = {}
+        # drafting against not drafting, timed from one proposal to the next
+        self.payoff = PathPayoff(spec.payoff, base="plain", alt="draft")
+        self._cycle: tuple[float, bool, set[str]] | None = None  # start, drafted, rows
         stack = runner._utio_executor.stack
         self._layers = stack.num_layers
         plan = runner.utio_plans.plans[draft_level]
         self._run_fraction = plan.num_run / stack.num_layers
+        vocab = spec.draft.vocab
+        self._head = DraftHead(runner.model, vocab) if vocab is not None else None
+        # the adaptive rule's non-attention cost of a draft row: less the head rows skipped
+        saved = self._head.saved_share if self._head is not None else 0.0
+        self._draft_row_cost = round(spec.row_cost_tokens * (1.0 - saved))
 
     # --- per-request state ----------------------------------------------------------
     def forget(self, req_id: str) -> None:
@@ -100,11 +156,19 @@ class SelfDrafter:
 
     # --- the proposal ---------------------------------------------------------------
     def propose(self, scheduler_output: Any, sampled: list[list[int]]) -> list[list[int]]:
+        start = time.perf_counter()
         runner = self.runner
         batch = runner.input_batch
         req_ids = list(batch.req_ids[: len(sampled)])
         self._observe(scheduler_output, req_ids, sampled)
+        self._time_cycle(start, req_ids, sampled)
         counts = self._draft_counts(req_ids, sampled)
+        drafted = bool(counts.any())
+        if drafted and self.spec.adaptive and not self.payoff.choose(len(req_ids)):
+            self.stats.skipped_rows += int((counts > 0).sum())
+            counts[:] = 0
+            drafted = False
+        self._cycle = (start, drafted, set(req_ids))
         drafts: list[list[int]] = [[] for _ in req_ids]
         for req_id, k in zip(req_ids, counts.tolist(), strict=True):
             self.acceptance.setdefault(req_id, Acceptance()).proposed = k
@@ -142,6 +206,20 @@ class SelfDrafter:
                 self.stats.accepted_tokens += accepted
             acc.observe(accepted)
 
+    def _time_cycle(self, now: float, req_ids: list[str], sampled: list[list[int]]) -> None:
+        """Close the cycle the last proposal opened: its drafting, the step that verified
+        (or just decoded) and the tokens that step yielded for the rows of that proposal
+        (none shared: the engine was idle in between, so the time is not a step's)."""
+        if self._cycle is None:
+            return
+        start, drafted, rows = self._cycle
+        self._cycle = None
+        tokens = sum(
+            len(got) for req_id, got in zip(req_ids, sampled, strict=True) if req_id in rows
+        )
+        if tokens:
+            self.payoff.observe(len(rows), drafted, now - start, tokens)
+
     def _draft_counts(self, req_ids: list[str], sampled: list[list[int]]) -> np.ndarray:
         """Drafts per row: adaptive choice, capped by owned KV slots and remaining tokens."""
         runner = self.runner
@@ -172,7 +250,7 @@ class SelfDrafter:
                 k = best_draft_count(
                     self.acceptance.get(req_id, Acceptance()).rate,
                     last,
-                    draft_cost(read, spec.row_cost_tokens, self._run_fraction),
+                    draft_cost(read, self._draft_row_cost, self._run_fraction),
                     spec.row_cost_tokens,
                     spec.tokens,
                     spec.min_gain,
@@ -205,8 +283,9 @@ class SelfDrafter:
             runner._utio_drafting(cm, np.full(len(rows), self.level), req_ids),
         ):
             hidden = runner._model_forward(input_ids=tokens, positions=positions_t)
-        logits = runner.model.compute_logits(hidden)
-        return logits.argmax(dim=-1)
+        if self._head is not None:
+            return self._head(hidden)
+        return runner.model.compute_logits(hidden).argmax(dim=-1)
 
     def _common_metadata(self, rows: np.ndarray, positions: np.ndarray) -> Any:
         """vLLM's CommonAttentionMetadata for one decode token per row at ``positions``,

@@ -1,0 +1,110 @@
+"""Which of two ways to run a step is faster, measured per step size, re-checked now and
+then (used by the probe's routing and by self-speculation's drafting).
+
+Each decided step reports its seconds and the units it produced (tokens); a size class's
+running seconds per unit on each path is an exponential average. Once both paths are
+measured, the faster one runs; the other is measured again after 8 steps of the class,
+then after 16, 32, ... up to 128 while the verdict holds, back to 8 when it flips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FIRST_RECHECK = 8  # steps of a size class before the losing path is measured again
+LAST_RECHECK = 128
+EMA_WEIGHT = 0.25  # weight of the newest step in a path's running time per unit
+
+
+@dataclass
+class PathTimes:
+    """Running seconds per unit of one size class on each path (None: not yet run)."""
+
+    base_s: float | None = None
+    alt_s: float | None = None
+    since_check: int = 0  # steps since the losing path last ran
+    recheck_every: int = FIRST_RECHECK
+    checking: bool = False  # the step in flight runs the losing path to re-measure it
+
+    def alt_wins(self) -> bool | None:
+        if self.base_s is None or self.alt_s is None:
+            return None
+        return self.alt_s < self.base_s
+
+
+def size_class(size: int) -> int:
+    """Sizes 2^(k-1)+1 .. 2^k share class k."""
+    return max(size - 1, 0).bit_length()
+
+
+class PathPayoff:
+    """Decides, per step, between a base path and an alternative (``alt``), see the doc.
+    ``base``/``alt`` name the paths in :meth:`as_dict`."""
+
+    def __init__(self, mode: Literal["measured", "always"], base: str, alt: str) -> None:
+        self.mode = mode
+        self.names = (base, alt)
+        self.classes: dict[int, PathTimes] = {}
+        self.declined_steps = 0  # steps run on the base path because alt did not pay
+        self.recheck_steps = 0  # steps run on a path to measure it (first time or again)
+
+    def choose(self, size: int) -> bool:
+        """Run this step on the alternative path?"""
+        if self.mode == "always":
+            return True
+        times = self.classes.setdefault(size_class(size), PathTimes())
+        if times.alt_s is None:
+            return True  # measure the alternative first, then the base
+        if times.base_s is None:
+            self.recheck_steps += 1
+            return False
+        wins = bool(times.alt_wins())
+        times.since_check += 1
+        times.checking = times.since_check >= times.recheck_every
+        if times.checking:
+            times.since_check = 0
+            self.recheck_steps += 1
+            return not wins
+        self.declined_steps += int(not wins)
+        return wins
+
+    def observe(self, size: int, alt: bool, seconds: float, units: float) -> None:
+        """A decided step's time and what it produced, on the path ``choose`` chose."""
+        if self.mode == "always" or size <= 0 or units <= 0:
+            return
+        times = self.classes.setdefault(size_class(size), PathTimes())
+        before = times.alt_wins()
+        per_unit = seconds / units
+        attr = "alt_s" if alt else "base_s"
+        old = getattr(times, attr)
+        if old is None or times.checking:
+            # a path not run for a while: its old time is stale (the batch's contexts and
+            # the machine's load have moved on since)
+            setattr(times, attr, per_unit)
+        else:
+            setattr(times, attr, (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_unit)
+        if times.checking:  # a re-measured losing path: back off while the verdict holds
+            times.checking = False
+            held = times.alt_wins() == before
+            times.recheck_every = (
+                min(2 * times.recheck_every, LAST_RECHECK) if held else FIRST_RECHECK
+            )
+
+    def as_dict(self) -> dict[str, object]:
+        """Counters and per size class (largest size) µs per unit on each path."""
+        base, alt = self.names
+        per_class = {
+            str(1 << k): {
+                f"{base}_us_per_token": None if t.base_s is None else 1e6 * t.base_s,
+                f"{alt}_us_per_token": None if t.alt_s is None else 1e6 * t.alt_s,
+                "recheck_every": t.recheck_every,
+            }
+            for k, t in sorted(self.classes.items())
+        }
+        return {
+            "mode": self.mode,
+            "declined_steps": self.declined_steps,
+            "recheck_steps": self.recheck_steps,
+            "size_classes": per_class,
+        }
