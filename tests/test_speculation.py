@@ -157,6 +157,8 @@ def test_bench_spec_engines_are_valid_configs(block_size):
             if cfg.speculate is not None:
                 drafts[name] = (cfg.speculate.draft.attention.policy, cfg.decode_kernel)
     assert drafts["spec-vslash-utio-kernel"] == ("vslash", "utio")
+    vocab16k = parse_utio_config(table["spec-throttle-vocab16k-utio-kernel"]["utio"])
+    assert vocab16k.speculate.draft.vocab == 16384
     assert drafts["spec-skip-utio-kernel"] == ("dense", "utio")
     # select finds facts only with fine blocks: no select drafts at 128-token blocks
     assert ("spec-sparq768-utio-kernel" in drafts) == (block_size <= 64)

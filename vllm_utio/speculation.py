@@ -21,6 +21,11 @@ The gain of ``k`` is ``E(k) * (S + C) / cost(k)``; a request drafts the ``k`` wi
 best gain, and none unless that gain reaches ``min_gain`` (then the step is a plain decode
 step, so a request whose drafts are rejected costs what it did without speculation). A
 request that stops drafting drifts back towards the prior, so it retries.
+
+The costs above are estimates; what a draft step really costs depends on the machine, the
+kernel and the batch. With ``payoff`` 'measured' the drafter also times itself: a step
+drafts only while steps that drafted have yielded tokens faster, wall time per token, than
+steps that did not (``vllm_utio.path_payoff``, per batch size).
 """
 
 from __future__ import annotations

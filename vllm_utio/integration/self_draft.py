@@ -86,10 +86,25 @@ class DraftHead:
         total = sum(p.numel() for p in model.parameters())
         # share of the weights one draft step no longer reads
         self.saved_share = weight[rows:].numel() / total
+        self._linear = _platform_linear(self.weight)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """Greedy token ids (all below ``rows``)."""
-        return torch.nn.functional.linear(hidden, self.weight).argmax(dim=-1)
+        return self._linear(hidden).argmax(dim=-1)
+
+
+def _platform_linear(weight: torch.Tensor) -> Any:
+    """``x @ weight.T`` through the GEMM vLLM's CPU platform gives its own linear layers
+    (oneDNN here: 2-4x faster than ``F.linear`` for a decode batch against this head);
+    ``F.linear`` elsewhere."""
+    if weight.device.type != "cpu":
+        return lambda x: torch.nn.functional.linear(x, weight)
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    holder = torch.nn.Module()
+    holder.weight = torch.nn.Parameter(weight, requires_grad=False)
+    dispatch_cpu_unquantized_gemm(holder, remove_weight=False)
+    return lambda x: holder.cpu_linear(x, holder.weight, None)
 
 
 def _head_unsupported(head: Any, weight: Any, proc: Any) -> str | None:
