@@ -97,8 +97,9 @@ class SpeculationStats:
     verifications: int = 0  # proposals verified so far
     draft_steps: int = 0  # draft forwards (one per draft position and step)
     draft_s: float = 0.0
-    skipped_rows: int = 0  # decode rows given no draft (adaptive, opt-out, no slot)
+    skipped_rows: int = 0  # decode rows given no draft (adaptive, payoff, opt-out, no slot)
     plain_sampled_steps: int = 0  # steps without any draft, sampled by the plain sampler
+    declined_steps: int = 0  # steps whose drafts the measured payoff declined
 
     def as_dict(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {
@@ -111,6 +112,7 @@ class SpeculationStats:
             "spec_draft_s": self.draft_s,
             "spec_skipped_rows": self.skipped_rows,
             "spec_plain_sampled_steps": self.plain_sampled_steps,
+            "spec_declined_steps": self.declined_steps,
         }
         out["spec_acceptance_rate"] = (
             self.accepted_tokens / self.verified_tokens if self.verified_tokens else 0.0

@@ -210,7 +210,8 @@ def _utio_spec(llm: Any, utio: dict[str, Any] | None) -> dict[str, float] | None
         return None
     stats = llm.collective_rpc("utio_stats", kwargs={"reset": True})[0]
     got = {k: float(stats[v]) for k, v in UTIO_SPEC_COUNTERS.items()}
-    return {**got, "draft_s": float(stats["spec_draft_s"])}
+    # the measured payoff's verdicts so far (cumulative since the engine started)
+    return {**got, "draft_s": float(stats["spec_draft_s"]), "payoff": stats.get("spec_payoff")}
 
 
 def top2_gaps(outs: list[Any]) -> list[list[float]]:
@@ -479,7 +480,7 @@ class _Bench:
             vllm_counters=not counted,
             temperature=self.temperature,
         )
-        s.update(_utio_spec(llm, utio) or {"draft_s": None})
+        s.update(_utio_spec(llm, utio) or {"draft_s": None, "payoff": None})
         s.update(engine=name, cell=c, repeat=repeat)
         ref = self.references.get(c)
         s["identity"] = identity(s["tokens"], ref) if ref else None

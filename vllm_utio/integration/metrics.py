@@ -205,6 +205,13 @@ _SPEC_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Request steps that verified at least one draft token.",
     ),
     (
+        "utio_spec_declined_steps",
+        "spec_declined_steps",
+        "Steps the cost model would have drafted in but did not: steps that drafted had "
+        "yielded tokens slower than steps that did not, or the latter were re-measured "
+        "(speculate.payoff 'measured').",
+    ),
+    (
         "utio_spec_draft_seconds",
         "spec_draft_s",
         "Time in the draft forwards (all draft positions).",

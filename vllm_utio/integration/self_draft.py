@@ -181,6 +181,7 @@ class SelfDrafter:
         drafted = bool(counts.any())
         if drafted and self.spec.adaptive and not self.payoff.choose(len(req_ids)):
             self.stats.skipped_rows += int((counts > 0).sum())
+            self.stats.declined_steps += 1
             counts[:] = 0
             drafted = False
         self._cycle = (start, drafted, set(req_ids))
@@ -222,9 +223,10 @@ class SelfDrafter:
             acc.observe(accepted)
 
     def _time_cycle(self, now: float, req_ids: list[str], sampled: list[list[int]]) -> None:
-        """Close the cycle the last proposal opened: its drafting, the step that verified
-        (or just decoded) and the tokens that step yielded for the rows of that proposal
-        (none shared: the engine was idle in between, so the time is not a step's)."""
+        """Close the cycle the last proposal opened (its drafting, then the step that
+        verified or just decoded) with the tokens that step yielded to the proposal's rows.
+        A cycle none of whose rows got a token is dropped: the engine sat idle between two
+        batches, so its time is not a step's."""
         if self._cycle is None:
             return
         start, drafted, rows = self._cycle
