@@ -202,7 +202,7 @@ UTIO_SPEC_COUNTERS = {
 }
 
 
-def _utio_spec(llm: Any, utio: dict[str, Any] | None) -> dict[str, float] | None:
+def _utio_spec(llm: Any, utio: dict[str, Any] | None) -> dict[str, Any] | None:
     """UTIO's drafter counters since the last call (UTIO speculation engines only): draft
     seconds and the spec counters. Read per engine (``utio_stats``), unlike vLLM's metrics:
     a new engine unregisters the Prometheus metrics of engines made before it."""

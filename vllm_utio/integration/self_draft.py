@@ -81,7 +81,6 @@ class DraftHead:
             raise ValueError(
                 f"speculate.draft.vocab is {rows}, more than the model's {vocab} token ids"
             )
-        self.rows = rows
         self.weight = weight[:rows]
         total = sum(p.numel() for p in model.parameters())
         # share of the weights one draft step no longer reads
@@ -89,7 +88,7 @@ class DraftHead:
         self._linear = _platform_linear(self.weight)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Greedy token ids (all below ``rows``)."""
+        """Greedy token ids (all below the head's row count)."""
         return self._linear(hidden).argmax(dim=-1)
 
 
