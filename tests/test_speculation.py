@@ -150,6 +150,7 @@ def test_bench_spec_engines_are_valid_configs(block_size):
         assert table[name]["spec"]["num_speculative_tokens"] == 4
     # suffix from each prompt alone: no tree of earlier repeats' answers to the same prompt
     assert table["suffix"]["spec"]["suffix_decoding_max_cached_requests"] == 0
+    assert table["utio-kernel-twin"] == table["utio-kernel"]  # a second instance, same config
     drafts = {}
     for name, engine in table.items():
         if engine["utio"] is not None:
@@ -162,6 +163,21 @@ def test_bench_spec_engines_are_valid_configs(block_size):
     assert drafts["spec-skip-utio-kernel"] == ("dense", "utio")
     # select finds facts only with fine blocks: no select drafts at 128-token blocks
     assert ("spec-sparq768-utio-kernel" in drafts) == (block_size <= 64)
+
+
+def test_interleaved_order_rotates_per_repeat():
+    """Over as many repeats as engines, every engine runs once in every place; over twice
+    as many, right after every other engine."""
+    from vllm_utio.benchmarking.speculative import rotated
+
+    names = ["vanilla", "utio-kernel", "spec-throttle-utio-kernel"]
+    assert rotated(names, 0) == names and rotated(names, 6) == names
+    orders = [rotated(names, r) for r in range(6)]
+    for name in names:
+        assert sorted(order.index(name) for order in orders[:3]) == [0, 1, 2]
+        before = {order[order.index(name) - 1] for order in orders if order[0] != name}
+        assert before == set(names) - {name}
+    assert rotated([], 2) == []
 
 
 def _bench_spec_args(*argv: str):

@@ -109,6 +109,13 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "utio": {"enabled": True, "router": "forced", "decode_kernel": "utio"},
             "spec": None,
         },
+        # a second engine of the same config: the spread between two engine instances
+        # (on this machine they can differ by 5-15% through a whole run) next to the
+        # differences between configs
+        "utio-kernel-twin": {
+            "utio": {"enabled": True, "router": "forced", "decode_kernel": "utio"},
+            "spec": None,
+        },
         "spec-vslash-utio-kernel": {
             "utio": utio({"attention": lp.POLICIES["vslash"]}, kernel="utio"),
             "spec": None,
@@ -517,8 +524,22 @@ def _has_suffix_tree() -> bool:
     return find_spec("arctic_inference") is not None
 
 
+def rotated(names: list[str], repeat: int) -> list[str]:
+    """The engines' order in one repeat. Each repeat starts one engine further on, so over
+    as many repeats as engines each engine runs once in every place; the next round runs
+    the reversed turns, so each engine also runs right after every other one (in a fixed
+    order a non-drafting speculative engine, always run right after the same engine
+    without speculation, read 8% slower than it at batch 1)."""
+    if not names:
+        return []
+    k = repeat % len(names)
+    order = names[k:] + names[:k]
+    return order[::-1] if (repeat // len(names)) % 2 else order
+
+
 def _run_interleaved(bench: _Bench, names: list[str], make: Any, repeats: int, bar: Any) -> None:
-    """Every engine alive; per cell, each repeat runs every engine once, in turn. An engine
+    """Every engine alive; per cell, each repeat runs every engine once, in turn (the turn
+    rotated per repeat, :func:`rotated`). An engine
     with vLLM's own speculation is made last: its counters are vLLM's Prometheus metrics,
     which the next engine made would unregister."""
     own_spec = [n for n in names if bench.table[n]["spec"] is not None]
@@ -537,7 +558,7 @@ def _run_interleaved(bench: _Bench, names: list[str], make: Any, repeats: int, b
                 bar.set_postfix_str(f"{name} warm-up ctx={cell['context']} b={cell['batch']}")
                 bench.warm(llms[name], name, c)
             for repeat in range(repeats):
-                for name in names:
+                for name in rotated(names, repeat):
                     _progress(bar, name, cell, bench.measure(llms[name], name, c, repeat))
     finally:
         for llm in llms.values():
