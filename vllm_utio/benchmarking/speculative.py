@@ -110,8 +110,8 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "spec": None,
         },
         # a second engine of the same config: the spread between two engine instances
-        # (on this machine they can differ by 5-15% through a whole run) next to the
-        # differences between configs
+        # next to the differences between configs (at batch 1 two such engines read 0-2%
+        # apart in paired medians, up to 8% in one repeat)
         "utio-kernel-twin": {
             "utio": {"enabled": True, "router": "forced", "decode_kernel": "utio"},
             "spec": None,
@@ -538,10 +538,9 @@ def rotated(names: list[str], repeat: int) -> list[str]:
 
 
 def _run_interleaved(bench: _Bench, names: list[str], make: Any, repeats: int, bar: Any) -> None:
-    """Every engine alive; per cell, each repeat runs every engine once, in turn (the turn
-    rotated per repeat, :func:`rotated`). An engine
-    with vLLM's own speculation is made last: its counters are vLLM's Prometheus metrics,
-    which the next engine made would unregister."""
+    """Every engine alive; per cell, each repeat runs every engine once, in the turn
+    :func:`rotated` gives it. An engine with vLLM's own speculation is made last: its
+    counters are vLLM's Prometheus metrics, which the next engine made would unregister."""
     own_spec = [n for n in names if bench.table[n]["spec"] is not None]
     if len(own_spec) > 1:
         raise SystemExit(
