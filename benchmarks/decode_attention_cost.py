@@ -1,14 +1,15 @@
 """Decode attention per layer on one thread: vLLM 0.32's CPU kernel vs UTIO's own op.
 
     python benchmarks/decode_attention_cost.py [--rows 32] [--contexts 768 4096 8064]
-        [--tokens 1 2 5] [--layers 12] [-o DIR]
+        [--tokens 1 2 5] [--layers 12] [--huge-pages] [-o DIR]
 
 Paged bf16 caches in the CPU backend's 'vec' layout written through vLLM's own write op,
 the default model's shape (3 KV heads, 9 query heads, head size 64, 32-token blocks),
 scattered block tables, one cache per layer so that each call reads from DRAM as in a
 decode step. ``--tokens``: query tokens per row (1: decode; more: a verification pass of
-speculative decoding). Medians over rounds; prints a markdown table, ``-o`` writes it and
-the raw JSON.
+speculative decoding). ``--huge-pages``: the caches moved onto 2 MiB pages first, as UTIO's
+engine does with vLLM's (``kv_huge_pages``). Medians over rounds; prints a markdown table,
+``-o`` writes it and the raw JSON.
 """
 
 from __future__ import annotations
@@ -50,11 +51,17 @@ def time_ms(call, caches, rounds: int) -> float:
     return statistics.median(times)
 
 
-def measure(rows: int, context: int, tokens: int, layers: int, rounds: int) -> dict:
+def measure(
+    rows: int, context: int, tokens: int, layers: int, rounds: int, huge_pages: bool = False
+) -> dict:
     from vllm_utio.cpu_ops import load
 
     op = load()
     ops, caches, table = setup(rows, context, layers)
+    if huge_pages:
+        from vllm_utio.integration.huge_pages import back_with_huge_pages
+
+        back_with_huge_pages(caches)
     lens = torch.full((rows,), context, dtype=torch.int32)
     starts = torch.arange(rows + 1, dtype=torch.int32) * tokens
     q = torch.randn(rows * tokens, HEADS, DIM).to(torch.bfloat16)
@@ -70,11 +77,14 @@ def measure(rows: int, context: int, tokens: int, layers: int, rounds: int) -> d
             q, kc, vc, out, starts, lens, DIM**-0.5, True, None, -1, table, 0.0, meta, None
         )
 
-    def utio_call(cache):
-        op.decode_attention(q, out, cache, layout, table, lens, starts, KV_HEADS, BLOCK, DIM**-0.5)
+    def utio_call(cache, dot: bool = True):
+        op.decode_attention(
+            q, out, cache, layout, table, lens, starts, KV_HEADS, BLOCK, DIM**-0.5, bf16_dot=dot
+        )
 
     vllm_ms = time_ms(vllm_call, caches, rounds)
     utio_ms = time_ms(utio_call, caches, rounds)
+    float_ms = time_ms(lambda cache: utio_call(cache, dot=False), caches, rounds)
     gbytes = rows * context * KV_HEADS * DIM * 2 * 2 / 1e9  # K and V, bf16
     return {
         "rows": rows,
@@ -82,6 +92,9 @@ def measure(rows: int, context: int, tokens: int, layers: int, rounds: int) -> d
         "tokens": tokens,
         "vllm_ms": vllm_ms,
         "utio_ms": utio_ms,
+        "utio_float_ms": float_ms,
+        "dot": bool(op.decode_attention_has_dot()),
+        "huge_pages": huge_pages,
         "speedup": vllm_ms / utio_ms,
         "utio_gb_s": gbytes / (utio_ms / 1e3),
         "vllm_gb_s": gbytes / (vllm_ms / 1e3),
@@ -95,26 +108,32 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 5])
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--huge-pages", action="store_true", help="caches on 2 MiB pages")
     parser.add_argument("-o", "--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)
     results = [
-        measure(args.rows, c, t, args.layers, args.rounds)
+        measure(args.rows, c, t, args.layers, args.rounds, args.huge_pages)
         for c in args.contexts
         for t in args.tokens
     ]
     lines = [
         f"Decode attention per layer, {args.rows} rows, one thread, bf16, 9/3 heads x 64, "
-        f"{BLOCK}-token blocks, scattered tables (median of {args.rounds} rounds)",
+        f"{BLOCK}-token blocks, scattered tables, caches on "
+        f"{'2 MiB' if args.huge_pages else '4 KiB'} pages (median of {args.rounds} rounds)",
         "",
-        "| context | query tokens/row | vLLM ms | UTIO ms | UTIO speed-up | vLLM GB/s "
-        "| UTIO GB/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        f"UTIO's bf16 dot products: {'on' if results[0]['dot'] else 'not in this build'}; "
+        "UTIO float ms: the same op with every product in float (`bf16_dot=False`)",
+        "",
+        "| context | query tokens/row | vLLM ms | UTIO ms | UTIO float ms | UTIO speed-up "
+        "| vLLM GB/s | UTIO GB/s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(
             f"| {r['context']} | {r['tokens']} | {r['vllm_ms']:.2f} | {r['utio_ms']:.2f} | "
-            f"{r['speedup']:.2f}x | {r['vllm_gb_s']:.1f} | {r['utio_gb_s']:.1f} |"
+            f"{r['utio_float_ms']:.2f} | {r['speedup']:.2f}x | {r['vllm_gb_s']:.1f} | "
+            f"{r['utio_gb_s']:.1f} |"
         )
     table = "\n".join(lines)
     print(table)

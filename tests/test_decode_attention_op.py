@@ -140,3 +140,40 @@ def test_decode_attention_refuses_what_it_cannot_do():
         op.decode_attention(
             q6, torch.empty_like(q6), cache, layout, table, lens, torch.tensor([0, 6]), 1, 32, 1.0
         )
+
+
+@pytest.mark.parametrize(("bs", "tokens"), [(32, 5), (64, 1), (128, 3)])
+def test_bf16_dot_products_equal_float_products(bs: int, tokens: int):
+    """bf16 caches run on AVX512-BF16 dot products (scores exact, softmax weights rounded to
+    bf16): the same output as the op with every product in float, within bf16 rounding, and
+    a cache slot past a row's last token (stale, here NaN) never reaches the output."""
+    ops, op = _ops()
+    if not op.decode_attention_has_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    kv_heads, per_kv, dim = 3, 3, 64
+    rng = np.random.default_rng(bs + tokens)
+    lens = [tokens, bs + 1, 3 * bs - 1, 9 * bs + 7, 40 * bs]  # odd tails and a full block
+    cache, *_, table, keys, values, layout = _cache(
+        ops, torch.bfloat16, kv_heads, dim, bs, lens, rng
+    )
+    per_block = cache.view(cache.shape[0], kv_heads, 2 * bs * dim)
+    k_part = per_block[..., : bs * dim].unflatten(-1, (dim, bs))  # K [D][bs]
+    v_part = per_block[..., bs * dim :].unflatten(-1, (bs, dim))  # V [bs][D]
+    for r, n in enumerate(lens):  # K and V of every slot after a row's last token
+        if n % bs:
+            blk = int(table[r, n // bs])
+            k_part[blk, :, :, n % bs :] = float("nan")
+            v_part[blk, :, n % bs :] = float("nan")
+    heads = per_kv * kv_heads
+    starts = [tokens * r for r in range(len(lens) + 1)]
+    q = torch.randn(starts[-1], heads, dim).to(torch.bfloat16)
+    args = (cache, layout, table, torch.tensor(lens), torch.tensor(starts), kv_heads, bs, dim**-0.5)
+    dot, flt = torch.empty_like(q), torch.empty_like(q)
+    op.decode_attention(q, dot, *args)
+    op.decode_attention(q, flt, *args, bf16_dot=False)
+    want = _exact(q, keys, values, lens, starts, per_kv, dim**-0.5)
+    assert torch.isfinite(dot).all() and torch.isfinite(flt).all()
+    torch.testing.assert_close(dot.double(), want, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(dot.float(), flt.float(), atol=8e-3, rtol=1e-2)
+    # the weights' bf16 rounding adds well under one bf16 step on average
+    assert (dot.double() - want).abs().mean() < 1.5 * (flt.double() - want).abs().mean() + 1e-4

@@ -19,7 +19,8 @@ from vllm_utio.paths import cache_dir
 
 logger = get_logger(__name__)
 SOURCES = ("sparq_mass.cpp", "decode_attention.cpp", "bindings.cpp")
-HEADERS = ("sparq_avx512.h", "avx512_math.h")  # not compiled on their own; in the build key
+# not compiled on their own; in the build key
+HEADERS = ("sparq_avx512.h", "avx512_math.h", "bf16_dot.h")
 # -ffast-math: vectorized expf and float reassociation; the op ranks blocks, no result
 # depends on the last bit (its test compares with the spec at a tolerance)
 FLAGS = ("-O3", "-march=native", "-ffast-math")

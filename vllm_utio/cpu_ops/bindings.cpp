@@ -22,10 +22,11 @@ std::tuple<torch::Tensor, torch::Tensor> sparq_restrict_steps(
     torch::Tensor out_rows, torch::Tensor stamps, int64_t every_steps, int64_t layer,
     torch::Tensor focus, double focus_mass);
 bool decode_attention_available();
+bool decode_attention_has_dot();
 void decode_attention(torch::Tensor query, torch::Tensor output, torch::Tensor cache,
                       std::vector<int64_t> layout, torch::Tensor table, torch::Tensor lens,
                       torch::Tensor starts, int64_t kv_heads, int64_t block_size,
-                      double scale);
+                      double scale, bool bf16_dot);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparq_block_mass", &sparq_block_mass,
@@ -37,5 +38,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_available", &decode_attention_available,
         "whether this build has decode_attention (AVX-512)");
   m.def("decode_attention", &decode_attention,
-        "paged attention of rows with a few query tokens each, over the 'vec' CPU cache");
+        "paged attention of rows with a few query tokens each, over the 'vec' CPU cache "
+        "(bf16_dot: bf16 caches on AVX512-BF16 dot products where the CPU has them)",
+        py::arg("query"), py::arg("output"), py::arg("cache"), py::arg("layout"),
+        py::arg("table"), py::arg("lens"), py::arg("starts"), py::arg("kv_heads"),
+        py::arg("block_size"), py::arg("scale"), py::arg("bf16_dot") = true);
+  m.def("decode_attention_has_dot", &decode_attention_has_dot,
+        "whether this build runs bf16 caches on AVX512-BF16 dot products");
 }

@@ -9,16 +9,19 @@
 // its table once for all of its query vectors (query heads of the group x query tokens,
 // up to 16): scores of a block in registers, an online softmax per vector (flash
 // attention's running max and sum), V accumulated in float; blocks further down the table
-// are prefetched (they sit at random places of the pool). Query token i of a row with q
+// are prefetched (they sit at random places of the pool). bf16 caches run on AVX512-BF16
+// dot products where the CPU has them (bf16_dot.h). Query token i of a row with q
 // tokens sees the first len - (q - 1 - i) positions (causal within the row, as vLLM).
 // One thread: vLLM's CPU worker runs its forward on one OpenMP thread here.
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #include "avx512_math.h"
+#include "bf16_dot.h"
 
 namespace {
 
@@ -121,17 +124,27 @@ void score_all(const float* q, const scalar_t* k, int64_t k_chan, int64_t dim,
   }
 }
 
+// into L2 (prefetcht2), not L1: on a Zen 4, 128 L1 prefetches per block and head stalled
+// the loads they ran ahead of; into L2 a 4k row's attention took 0.6x the time (1 token)
 inline void prefetch_region(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
-  for (int64_t b = 0; b < bytes; b += kLineBytes) __builtin_prefetch(c + b);
+  for (int64_t b = 0; b < bytes; b += kLineBytes) __builtin_prefetch(c + b, 0, 1);
 }
 
-// One row and KV head: `vectors` query vectors (`q`, [vectors][dim], scaled), vector v
-// seeing the first `visible[v]` positions; writes each vector's output (float) to `out`.
+// Query vectors of one row and KV head, in the form the block loop reads them.
+struct Queries {
+  const float* scaled;    // [vectors][dim] floats times the scale (float path)
+  const uint32_t* pairs;  // [vectors][dim / 2] bf16 pairs, unscaled (dot path), or null
+  float scale;
+};
+
+// One row and KV head: `vectors` query vectors, vector v seeing the first `visible[v]`
+// positions; writes each vector's output (float) to `out`, in channel order, or on the
+// dot path in kDotChannel's order. `w`: room for [vectors][block_size] bf16 weights.
 template <typename scalar_t, typename index_t>
-void attend_group(const float* q, const int64_t* visible, int64_t vectors,
+void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
                   const scalar_t* cache, const Layout& lay, int64_t g, const index_t* table,
-                  int64_t block_size, int64_t dim, float* score, float* out) {
+                  int64_t block_size, int64_t dim, float* score, uint16_t* w, float* out) {
   float run_max[kMaxVectors], run_sum[kMaxVectors];
   for (int64_t v = 0; v < vectors; ++v) {
     run_max[v] = -std::numeric_limits<float>::infinity();
@@ -160,12 +173,23 @@ void attend_group(const float* q, const int64_t* visible, int64_t vectors,
     }
     const int64_t t0 = n * block_size;
     const int64_t count = std::min(block_size, longest - t0);
-    score_all(q, head_k(n), lay.k_chan, dim, block_size, score, vectors);
+#if defined(UTIO_HAS_DOT)
+    if (q.pairs != nullptr)
+      score_all_dot(q.pairs, reinterpret_cast<const uint16_t*>(head_k(n)), lay.k_chan, dim,
+                    block_size, q.scale, score, vectors);
+    else
+#endif
+      score_all(q.scaled, head_k(n), lay.k_chan, dim, block_size, score, vectors);
     for (int64_t v = 0; v < vectors; ++v) {
       float* s = score + v * block_size;
       const int64_t live = std::clamp<int64_t>(visible[v] - t0, 0, block_size);
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < live; ++t) top = std::max(top, s[t]);
+      __m512 high = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      for (int64_t t = 0; t < live; t += kLanes) {
+        const int64_t lanes = std::min<int64_t>(live - t, kLanes);
+        const __mmask16 mask = static_cast<__mmask16>((1u << lanes) - 1u);
+        high = _mm512_mask_max_ps(high, mask, high, _mm512_loadu_ps(s + t));
+      }
+      const float top = _mm512_reduce_max_ps(high);
       if (live == 0) {  // the whole block is past this vector's positions
         std::fill(s, s + block_size, 0.0f);
         continue;
@@ -189,6 +213,18 @@ void attend_group(const float* q, const int64_t* visible, int64_t vectors,
         for (int64_t d = 0; d < dim; ++d) o[d] *= shrink;
       }
     }
+#if defined(UTIO_HAS_DOT)
+    if (q.pairs != nullptr) {
+      weights_to_pairs(score, block_size, vectors, w);
+      const auto* pairs = reinterpret_cast<const uint32_t*>(w);
+      const auto* vals = reinterpret_cast<const uint16_t*>(head_v(n));
+      if (dim == 64)
+        accumulate_all_dot<2>(pairs, block_size / 2, vals, lay.v_tok, count, out, vectors);
+      else
+        accumulate_all_dot<4>(pairs, block_size / 2, vals, lay.v_tok, count, out, vectors);
+      continue;
+    }
+#endif
     if (dim == 64)
       accumulate_all<scalar_t, 4>(score, block_size, head_v(n), dim, count, out, vectors);
     else
@@ -200,13 +236,34 @@ void attend_group(const float* q, const int64_t* visible, int64_t vectors,
   }
 }
 
+// Whether rows of this dtype and block size run on bf16 pair dot products (bf16_dot.h).
+template <typename scalar_t>
+bool uses_dot(int64_t block_size, bool allowed) {
+#if defined(UTIO_HAS_DOT)
+  return allowed && std::is_same_v<scalar_t, at::BFloat16> && block_size % 32 == 0;
+#else
+  return false;
+#endif
+}
+
 template <typename scalar_t, typename index_t>
 void attend_rows(const scalar_t* query, scalar_t* output, const scalar_t* cache,
                  const Layout& lay, const index_t* table, int64_t table_width,
                  const int64_t* lens, const int64_t* starts, int64_t rows, int64_t heads,
-                 int64_t kv_heads, int64_t dim, int64_t block_size, float scale) {
+                 int64_t kv_heads, int64_t dim, int64_t block_size, float scale,
+                 bool allow_dot) {
   const int64_t per_kv = heads / kv_heads;
+  const bool dot = uses_dot<scalar_t>(block_size, allow_dot);
   std::vector<float> q(kMaxVectors * dim), out(kMaxVectors * dim), score(kMaxVectors * block_size);
+  std::vector<uint32_t> pairs(kMaxVectors * dim / 2), weights(kMaxVectors * block_size / 2 + 1);
+  std::vector<int64_t> channel(dim);  // where out holds channel d
+  for (int64_t d = 0; d < dim; ++d) channel[d] = d;
+#if defined(UTIO_HAS_DOT)
+  if (dot)
+    for (int64_t i = 0; i < dim; ++i)  // float i of out: register i / 16, lane i % 16
+      channel[32 * (i / 32) + dot_channel((i / 16) % 2, i % 16)] = i;
+#endif
+  const Queries queries{q.data(), dot ? pairs.data() : nullptr, scale};
   int64_t visible[kMaxVectors];
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t first = starts[r], tokens = starts[r + 1] - starts[r];
@@ -218,16 +275,22 @@ void attend_rows(const scalar_t* query, scalar_t* output, const scalar_t* cache,
       for (int64_t i = 0; i < tokens; ++i)
         for (int64_t p = 0; p < per_kv; ++p) {
           const scalar_t* src = query + ((first + i) * heads + g * per_kv + p) * dim;
-          float* dst = q.data() + (i * per_kv + p) * dim;
+          const int64_t v = i * per_kv + p;
+          if (dot) {
+            std::memcpy(pairs.data() + v * dim / 2, src, dim * sizeof(scalar_t));
+            continue;
+          }
+          float* dst = q.data() + v * dim;
           for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
         }
-      attend_group(q.data(), visible, vectors, cache, lay, g, table + r * table_width,
-                   block_size, dim, score.data(), out.data());
+      attend_group(queries, visible, vectors, cache, lay, g, table + r * table_width,
+                   block_size, dim, score.data(), reinterpret_cast<uint16_t*>(weights.data()),
+                   out.data());
       for (int64_t i = 0; i < tokens; ++i)
         for (int64_t p = 0; p < per_kv; ++p) {
           scalar_t* dst = output + ((first + i) * heads + g * per_kv + p) * dim;
           const float* src = out.data() + (i * per_kv + p) * dim;
-          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(src[d]);
+          for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(src[channel[d]]);
         }
     }
   }
@@ -246,13 +309,25 @@ bool decode_attention_available() {
 #endif
 }
 
+// Whether bf16 caches (in blocks of a multiple of 32 tokens) run on dot products here.
+bool decode_attention_has_dot() {
+#if defined(UTIO_HAS_DOT)
+  return true;
+#else
+  return false;
+#endif
+}
+
 // output[tokens, heads, dim] = attention of query[tokens, heads, dim] (rows' query tokens
 // back to back, row r's at [starts[r], starts[r+1])) over each row's first lens[r]
-// positions of the paged cache through its block-table row.
+// positions of the paged cache through its block-table row. bf16_dot: score and weigh bf16
+// caches with bf16 pair dot products where the build has them (the weights rounded to bf16
+// as flash attention rounds P); false keeps every product in float (a reference for tests
+// and benchmarks).
 void decode_attention(torch::Tensor query, torch::Tensor output, torch::Tensor cache,
                       std::vector<int64_t> layout, torch::Tensor table, torch::Tensor lens,
                       torch::Tensor starts, int64_t kv_heads, int64_t block_size,
-                      double scale) {
+                      double scale, bool bf16_dot) {
 #if defined(__AVX512F__)
   TORCH_CHECK(layout.size() == 7, "layout: block_stride, k_start, k_head, k_chan, v_start, "
                                   "v_head, v_tok");
@@ -281,13 +356,13 @@ void decode_attention(torch::Tensor query, torch::Tensor output, torch::Tensor c
       attend_rows(query.data_ptr<at::BFloat16>(), output.data_ptr<at::BFloat16>(),
                   cache.data_ptr<at::BFloat16>(), lay, tb, table.size(1),
                   lens.data_ptr<int64_t>(), st, rows, heads, kv_heads, dim, block_size,
-                  static_cast<float>(scale));
+                  static_cast<float>(scale), bf16_dot);
     } else {
       TORCH_CHECK(cache.scalar_type() == torch::kHalf, "cache: bf16 or fp16");
       attend_rows(query.data_ptr<at::Half>(), output.data_ptr<at::Half>(),
                   cache.data_ptr<at::Half>(), lay, tb, table.size(1),
                   lens.data_ptr<int64_t>(), st, rows, heads, kv_heads, dim, block_size,
-                  static_cast<float>(scale));
+                  static_cast<float>(scale), bf16_dot);
     }
   });
 #else
