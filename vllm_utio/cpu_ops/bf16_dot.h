@@ -8,7 +8,7 @@
 // tokens), so two rows are interleaved with unpacklo/hi, which work per 128-bit lane:
 // of rows a and b of 32 values, lo holds the pairs (a[i], b[i]) for i in 0-3, 8-11, 16-19,
 // 24-27 and hi for the other 16. Scores are put back in token order before they are
-// stored; values stay in that channel order through the whole row (see kDotChannel).
+// stored; values stay in that channel order through the whole row (see dot_channel).
 #pragma once
 
 #include "avx512_math.h"
@@ -82,7 +82,7 @@ inline void score_all_dot(const uint32_t* q, const uint16_t* k, int64_t k_chan, 
 
 // out[v] += sum_t w[v][t] * V[t] over `count` tokens, w as bf16 pairs along tokens
 // ([kNum][w_stride] pairs; an odd count's last pair has a zero weight), out in the
-// channel order of kDotChannel; dim = 32 * kHalves
+// channel order of dot_channel; dim = 32 * kHalves
 template <int kNum, int kHalves>
 inline void accumulate_dot(const uint32_t* w, int64_t w_stride, const uint16_t* vals,
                            int64_t v_tok, int64_t count, float* out) {

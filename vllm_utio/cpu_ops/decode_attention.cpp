@@ -125,7 +125,7 @@ void score_all(const float* q, const scalar_t* k, int64_t k_chan, int64_t dim,
 }
 
 // into L2 (prefetcht2), not L1: on a Zen 4, 128 L1 prefetches per block and head stalled
-// the loads they ran ahead of; into L2 a 4k row's attention took 0.6x the time (1 token)
+// the loads they ran ahead of; into L2 a 4k row took 0.62-0.66x the time (1 token)
 inline void prefetch_region(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += kLineBytes) __builtin_prefetch(c + b, 0, 1);
@@ -140,7 +140,7 @@ struct Queries {
 
 // One row and KV head: `vectors` query vectors, vector v seeing the first `visible[v]`
 // positions; writes each vector's output (float) to `out`, in channel order, or on the
-// dot path in kDotChannel's order. `w`: room for [vectors][block_size] bf16 weights.
+// dot path in dot_channel's order. `w`: room for [vectors][block_size] bf16 weights.
 template <typename scalar_t, typename index_t>
 void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
                   const scalar_t* cache, const Layout& lay, int64_t g, const index_t* table,
