@@ -9,6 +9,7 @@
 #include <torch/extension.h>
 
 #include <type_traits>
+#include <utility>
 
 namespace {
 
@@ -31,6 +32,15 @@ inline __m512 exp_nonpositive(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+// f(std::integral_constant<int, n>{}) for a runtime n in [1, kMax]: the register-tiled
+// loops take their vector count as a template parameter (accumulators stay in registers)
+template <int kMax, typename F>
+inline void with_count(int64_t n, F&& f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    ((n == I + 1 ? (f(std::integral_constant<int, I + 1>{}), true) : false) || ...);
+  }(std::make_integer_sequence<int, kMax>{});
 }
 
 // 16 keys of one channel as floats

@@ -68,14 +68,9 @@ inline void score_all_dot(const uint32_t* q, const uint16_t* k, int64_t k_chan, 
     const uint32_t* qv = q + v0 * pairs;
     float* s = score + v0 * block_size;
     for (int64_t t = 0; t < block_size; t += 32) {
-      switch (std::min<int64_t>(8, vectors - v0)) {
-#define UTIO_SCORE(n) \
-  case n: score_tile_dot<n>(qv, k + t, k_chan, dim, scale, s + t, block_size); break;
-        UTIO_SCORE(1) UTIO_SCORE(2) UTIO_SCORE(3) UTIO_SCORE(4)
-        UTIO_SCORE(5) UTIO_SCORE(6) UTIO_SCORE(7) UTIO_SCORE(8)
-#undef UTIO_SCORE
-        default: break;
-      }
+      with_count<8>(std::min<int64_t>(8, vectors - v0), [&](auto n) {
+        score_tile_dot<decltype(n)::value>(qv, k + t, k_chan, dim, scale, s + t, block_size);
+      });
     }
   }
 }
@@ -117,15 +112,9 @@ void accumulate_all_dot(const uint32_t* w, int64_t w_stride, const uint16_t* val
   for (int64_t v0 = 0; v0 < vectors; v0 += kGroup) {
     const uint32_t* wv = w + v0 * w_stride;
     float* o = out + v0 * dim;
-    switch (std::min<int64_t>(kGroup, vectors - v0)) {
-#define UTIO_ACC(n)                                                                  \
-  case n:                                                                            \
-    if constexpr (n <= kGroup) accumulate_dot<n, kHalves>(wv, w_stride, vals, v_tok, count, o); \
-    break;
-      UTIO_ACC(1) UTIO_ACC(2) UTIO_ACC(3) UTIO_ACC(4) UTIO_ACC(5)
-#undef UTIO_ACC
-      default: break;
-    }
+    with_count<kGroup>(std::min<int64_t>(kGroup, vectors - v0), [&](auto n) {
+      accumulate_dot<decltype(n)::value, kHalves>(wv, w_stride, vals, v_tok, count, o);
+    });
   }
 }
 

@@ -94,16 +94,10 @@ void accumulate_all(const float* w, int64_t w_stride, const scalar_t* vals, int6
   for (int64_t v0 = 0; v0 < vectors; v0 += kGroup) {
     const float* wv = w + v0 * w_stride;
     float* o = out + v0 * dim;
-    switch (std::min<int64_t>(kGroup, vectors - v0)) {
-#define UTIO_ACC(n)                                                                       \
-  case n:                                                                                 \
-    if constexpr (n <= kGroup)                                                            \
-      accumulate_values<scalar_t, n, kDimChunks>(wv, w_stride, vals, v_tok, count, o); \
-    break;
-      UTIO_ACC(1) UTIO_ACC(2) UTIO_ACC(3) UTIO_ACC(4) UTIO_ACC(5) UTIO_ACC(6)
-#undef UTIO_ACC
-      default: break;
-    }
+    with_count<kGroup>(std::min<int64_t>(kGroup, vectors - v0), [&](auto n) {
+      constexpr int kNum = decltype(n)::value;
+      accumulate_values<scalar_t, kNum, kDimChunks>(wv, w_stride, vals, v_tok, count, o);
+    });
   }
 }
 
@@ -113,14 +107,9 @@ void score_all(const float* q, const scalar_t* k, int64_t k_chan, int64_t dim,
   for (int64_t v0 = 0; v0 < vectors; v0 += 8) {  // 8 vectors x 32 tokens: 16 accumulators
     const float* qv = q + v0 * dim;
     float* s = score + v0 * block_size;
-    switch (std::min<int64_t>(8, vectors - v0)) {
-#define UTIO_SCORE(n) \
-  case n: score_block<scalar_t, n>(qv, k, k_chan, dim, block_size, s); break;
-      UTIO_SCORE(1) UTIO_SCORE(2) UTIO_SCORE(3) UTIO_SCORE(4)
-      UTIO_SCORE(5) UTIO_SCORE(6) UTIO_SCORE(7) UTIO_SCORE(8)
-#undef UTIO_SCORE
-      default: break;
-    }
+    with_count<8>(std::min<int64_t>(8, vectors - v0), [&](auto n) {
+      score_block<scalar_t, decltype(n)::value>(qv, k, k_chan, dim, block_size, s);
+    });
   }
 }
 
