@@ -90,7 +90,7 @@ void rank_rows_tiled(const float* query, const scalar_t* cache, int64_t block_st
           const scalar_t* later = head_base + row_table[n + kAhead] * block_stride;
           for (int64_t j = 0; j < channels; ++j)
             for (int64_t s = 0; s < block_size; s += kLine / sizeof(scalar_t))
-              __builtin_prefetch(later + order[j] * s_chan + s);
+              __builtin_prefetch(later + order[j] * s_chan + s, 0, 1);
         }
         const scalar_t* base = head_base + row_table[n] * block_stride;
         // lanes past the row's last position (a partial last block) take no part
