@@ -120,10 +120,6 @@ inline void prefetch_region(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += kLineBytes) __builtin_prefetch(c + b, 0, 1);
 }
 
-inline const void* bytes_at(const void* p, int64_t offset) {
-  return static_cast<const char*>(p) + offset;
-}
-
 // Query vectors of one row and KV head, in the form the block loop reads them.
 struct Queries {
   const float* scaled;    // [vectors][dim] floats times the scale (float path)
@@ -165,8 +161,10 @@ void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
     // instructions themselves waited; spread out, an 8k row took 0.74x the time with 5
     // query tokens and 0.65x with 1 (Zen 4)
     const bool ahead = n + kAheadBlocks < blocks && contiguous;
+    const char* next_k = ahead ? reinterpret_cast<const char*>(head_k(n + kAheadBlocks)) : nullptr;
+    const char* next_v = ahead ? reinterpret_cast<const char*>(head_v(n + kAheadBlocks)) : nullptr;
     const int64_t half = k_bytes / 2;
-    if (ahead) prefetch_region(head_k(n + kAheadBlocks), half);
+    if (ahead) prefetch_region(next_k, half);
     const int64_t t0 = n * block_size;
     const int64_t count = std::min(block_size, longest - t0);
 #if defined(UTIO_HAS_DOT)
@@ -176,7 +174,7 @@ void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
     else
 #endif
       score_all(q.scaled, head_k(n), lay.k_chan, dim, block_size, score, vectors);
-    if (ahead) prefetch_region(bytes_at(head_k(n + kAheadBlocks), half), k_bytes - half);
+    if (ahead) prefetch_region(next_k + half, k_bytes - half);
     for (int64_t v = 0; v < vectors; ++v) {
       float* s = score + v * block_size;
       const int64_t live = std::clamp<int64_t>(visible[v] - t0, 0, block_size);
@@ -210,7 +208,7 @@ void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
         for (int64_t d = 0; d < dim; ++d) o[d] *= shrink;
       }
     }
-    if (ahead) prefetch_region(head_v(n + kAheadBlocks), half);
+    if (ahead) prefetch_region(next_v, half);
 #if defined(UTIO_HAS_DOT)
     if (q.pairs != nullptr) {
       weights_to_pairs(score, block_size, vectors, w);
@@ -226,7 +224,7 @@ void attend_group(const Queries& q, const int64_t* visible, int64_t vectors,
       accumulate_all<scalar_t, 4>(score, block_size, head_v(n), dim, count, out, vectors);
     else
       accumulate_all<scalar_t, 8>(score, block_size, head_v(n), dim, count, out, vectors);
-    if (ahead) prefetch_region(bytes_at(head_v(n + kAheadBlocks), half), k_bytes - half);
+    if (ahead) prefetch_region(next_v + half, k_bytes - half);
   }
   for (int64_t v = 0; v < vectors; ++v) {
     const float inv = run_sum[v] > 0.0f ? 1.0f / run_sum[v] : 0.0f;
