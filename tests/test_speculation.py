@@ -309,9 +309,47 @@ def test_drafter_times_each_cycle_on_the_rows_it_proposed_for():
     drafter = SelfDrafter.__new__(SelfDrafter)  # no runner: only the cycle bookkeeping
     drafter.payoff = PathPayoff("measured", base="plain", alt="draft")
     drafter._cycle = (10.0, True, {"a", "b"})
-    drafter._time_cycle(10.5, ["a", "b", "c"], [[1, 2, 3], [4], [5]])  # c: a new request
+    drafter._time_cycle(10.5, ["a", "b", "c"], [[1, 2, 3], [4], [5]], True)  # c: new
     times = drafter.payoff.classes[1]  # 2 rows: size class 1
     assert times.alt_s == pytest.approx(0.5 / 4) and times.base_s is None
     drafter._cycle = (20.0, False, {"a", "b"})
-    drafter._time_cycle(99.0, ["x"], [[7]])
+    drafter._time_cycle(99.0, ["x"], [[7]], True)
     assert times.base_s is None and drafter._cycle is None
+    drafter._cycle = (30.0, False, {"a", "b"})  # its step also prefilled: dropped
+    drafter._time_cycle(32.0, ["a", "b"], [[1], [2]], False)
+    assert times.base_s is None and drafter._cycle is None
+
+
+def test_a_step_that_prefills_is_not_a_decode_step():
+    """What the drafter's timing keeps: steps of last tokens plus drafts, nothing else."""
+    from types import SimpleNamespace
+
+    from vllm_utio.integration.self_draft import _decode_only
+
+    def step(scheduled: dict[str, int], spec: dict[str, list[int]]) -> bool:
+        return _decode_only(
+            SimpleNamespace(num_scheduled_tokens=scheduled, scheduled_spec_decode_tokens=spec)
+        )
+
+    assert step({"a": 1, "b": 5}, {"b": [7, 8, 9, 10]})
+    assert step({"a": 1}, {})
+    assert not step({"a": 1, "b": 512}, {})  # b: a prefill chunk
+    assert not step({"a": 3}, {"a": [7]})  # more than its last token and its drafts
+
+
+def test_drafting_must_win_by_its_margin():
+    """With margin 1.05, drafting 3% faster per token is not enough; 10% faster is."""
+    from vllm_utio.path_payoff import PathPayoff
+
+    def drafted(draft_s: float) -> int:
+        payoff = PathPayoff("measured", base="plain", alt="draft", margin=1.05)
+        count = 0
+        for _ in range(64):
+            draft = payoff.choose(8)
+            payoff.observe(8, draft, draft_s if draft else 1.0, 1)
+            count += draft
+        return count
+
+    assert drafted(0.97) <= 8  # the first measurement, then re-checks only
+    assert drafted(0.90) >= 56
+    assert PathPayoff("measured", "plain", "draft", margin=1.05).as_dict()["margin"] == 1.05

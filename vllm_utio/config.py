@@ -331,15 +331,19 @@ class SpeculateConfig(_Strict):
         default=1.05,
         ge=1.0,
         description="adaptive: draft only where the cost model predicts at least this "
-        "speed-up over a plain decode step.",
+        "speed-up over a plain decode step, and (payoff 'measured') only while drafting "
+        "steps have measured at least this much faster per token than plain ones: a step's "
+        "own time misses some of drafting's cost (rows that accept different counts finish "
+        "at different steps, leaving a batch's last steps with few rows).",
     )
     payoff: Literal["measured", "always"] = Field(
         default="measured",
         description="adaptive: 'measured' lets rows draft only while steps that drafted "
-        "have yielded tokens faster (wall time per token, drafting included) than steps "
-        "that did not, per batch size, re-measuring the other way every 8-128 steps: the "
-        "cost model's costs are estimates, and on a machine where a draft step costs more "
-        "than they say drafting loses. 'always': the cost model alone decides.",
+        "have yielded tokens faster by min_gain (wall time per token, drafting included; "
+        "steps that also prefilled are not timed) than steps that did not, per batch "
+        "size, re-measuring the other way every 8-128 steps: the cost model's costs are "
+        "estimates, and on a machine where a draft step costs more than they say drafting "
+        "loses. 'always': the cost model alone decides.",
     )
 
     def token_cost(self, decode_kernel: str) -> float:

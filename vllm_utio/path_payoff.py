@@ -3,8 +3,9 @@ then (used by the probe's routing and by self-speculation's drafting).
 
 Each decided step reports its seconds and the units it produced (tokens); a size class's
 running seconds per unit on each path is an exponential average. Once both paths are
-measured, the faster one runs; the other is measured again after 8 steps of the class,
-then after 16, 32, ... up to 128 while the verdict holds, back to 8 when it flips.
+measured, the faster one runs (the alternative only when faster by ``margin``: it may cost
+what a step's own timing does not see); the other is measured again after 8 steps of the
+class, then after 16, 32, ... up to 128 while the verdict holds, back to 8 when it flips.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ class PathTimes:
     recheck_every: int = FIRST_RECHECK
     checking: bool = False  # the step in flight runs the losing path to re-measure it
 
-    def alt_wins(self) -> bool | None:
+    def alt_wins(self, margin: float = 1.0) -> bool | None:
+        """Is the alternative faster than the base path by at least ``margin``?"""
         if self.base_s is None or self.alt_s is None:
             return None
-        return self.alt_s < self.base_s
+        return self.alt_s * margin < self.base_s
 
 
 def size_class(size: int) -> int:
@@ -40,10 +42,14 @@ def size_class(size: int) -> int:
 
 class PathPayoff:
     """Decides, per step, between a base path and an alternative (``alt``), see the doc.
-    ``base``/``alt`` name the paths in :meth:`as_dict`."""
+    ``base``/``alt`` name the paths in :meth:`as_dict`; the alternative runs only while it
+    measures ``margin`` times as fast as the base (1.0: any faster)."""
 
-    def __init__(self, mode: Literal["measured", "always"], base: str, alt: str) -> None:
+    def __init__(
+        self, mode: Literal["measured", "always"], base: str, alt: str, margin: float = 1.0
+    ) -> None:
         self.mode = mode
+        self.margin = margin
         self.names = (base, alt)
         self.classes: dict[int, PathTimes] = {}
         self.declined_steps = 0  # steps run on the base path because alt did not pay
@@ -59,7 +65,7 @@ class PathPayoff:
         if times.base_s is None:
             self.recheck_steps += 1
             return False
-        wins = bool(times.alt_wins())
+        wins = bool(times.alt_wins(self.margin))
         times.since_check += 1
         times.checking = times.since_check >= times.recheck_every
         if times.checking:
@@ -74,7 +80,7 @@ class PathPayoff:
         if self.mode == "always" or size <= 0 or units <= 0:
             return
         times = self.classes.setdefault(size_class(size), PathTimes())
-        before = times.alt_wins()
+        before = times.alt_wins(self.margin)
         per_unit = seconds / units
         attr = "alt_s" if alt else "base_s"
         old = getattr(times, attr)
@@ -86,7 +92,7 @@ class PathPayoff:
             setattr(times, attr, (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_unit)
         if times.checking:  # a re-measured losing path: back off while the verdict holds
             times.checking = False
-            held = times.alt_wins() == before
+            held = times.alt_wins(self.margin) == before
             times.recheck_every = (
                 min(2 * times.recheck_every, LAST_RECHECK) if held else FIRST_RECHECK
             )
@@ -104,6 +110,7 @@ class PathPayoff:
         }
         return {
             "mode": self.mode,
+            "margin": self.margin,
             "declined_steps": self.declined_steps,
             "recheck_steps": self.recheck_steps,
             "size_classes": per_class,

@@ -25,7 +25,8 @@ request that stops drafting drifts back towards the prior, so it retries.
 The costs above are estimates; what a draft step really costs depends on the machine, the
 kernel and the batch. With ``payoff`` 'measured' the drafter also times itself: a step
 drafts only while steps that drafted have yielded tokens faster, wall time per token, than
-steps that did not (``vllm_utio.path_payoff``, per batch size).
+steps that did not, by ``min_gain`` again (``vllm_utio.path_payoff``, per batch size; steps
+that also prefilled are not timed).
 """
 
 from __future__ import annotations

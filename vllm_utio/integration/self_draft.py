@@ -148,8 +148,11 @@ class SelfDrafter:
         self.level = draft_level
         self.stats = SpeculationStats()
         self.acceptance: dict[str, Acceptance] = {}
-        # drafting against not drafting, timed from one proposal to the next
-        self.payoff = PathPayoff(spec.payoff, base="plain", alt="draft")
+        # drafting against not drafting, timed from one proposal to the next; drafting must
+        # win by min_gain, as in the cost model: a cycle's own time misses what drafting
+        # costs later (rows that accept different counts finish at different steps, and a
+        # batch's last steps then run few rows, at a higher cost per token)
+        self.payoff = PathPayoff(spec.payoff, base="plain", alt="draft", margin=spec.min_gain)
         self._cycle: tuple[float, bool, set[str]] | None = None  # start, drafted, rows
         stack = runner._utio_executor.stack
         self._layers = stack.num_layers
@@ -175,7 +178,7 @@ class SelfDrafter:
         batch = runner.input_batch
         req_ids = list(batch.req_ids[: len(sampled)])
         self._observe(scheduler_output, req_ids, sampled)
-        self._time_cycle(start, req_ids, sampled)
+        self._time_cycle(start, req_ids, sampled, _decode_only(scheduler_output))
         counts = self._draft_counts(req_ids, sampled)
         drafted = bool(counts.any())
         if drafted and self.spec.adaptive and not self.payoff.choose(len(req_ids)):
@@ -221,15 +224,20 @@ class SelfDrafter:
                 self.stats.accepted_tokens += accepted
             acc.observe(accepted)
 
-    def _time_cycle(self, now: float, req_ids: list[str], sampled: list[list[int]]) -> None:
+    def _time_cycle(
+        self, now: float, req_ids: list[str], sampled: list[list[int]], decode_only: bool
+    ) -> None:
         """Close the cycle the last proposal opened (its drafting, then the step that
         verified or just decoded) with the tokens that step yielded to the proposal's rows.
-        A cycle none of whose rows got a token is dropped: the engine sat idle between two
-        batches, so its time is not a step's."""
+        Dropped: a cycle none of whose rows got a token (the engine sat idle between two
+        batches, so its time is not a step's), and one whose step also prefilled (mostly
+        prefill time, which neither path changes)."""
         if self._cycle is None:
             return
         start, drafted, rows = self._cycle
         self._cycle = None
+        if not decode_only:
+            return
         tokens = sum(
             len(got) for req_id, got in zip(req_ids, sampled, strict=True) if req_id in rows
         )
@@ -336,6 +344,15 @@ class SelfDrafter:
             num_logits_indices=None,
             max_logits_per_req=None,
         )
+
+
+def _decode_only(scheduler_output: Any) -> bool:
+    """Did the step run only decode rows (each its last token plus its drafts)?"""
+    spec = getattr(scheduler_output, "scheduled_spec_decode_tokens", None) or {}
+    return all(
+        n == 1 + len(spec.get(req_id, ()))
+        for req_id, n in scheduler_output.num_scheduled_tokens.items()
+    )
 
 
 def _replace(cm: Any, **fields: Any) -> Any:
