@@ -465,6 +465,7 @@ class _Bench:
         self.temperature = temperature
         self.references: dict[int, dict[str, Any]] = {}
         self.samples: list[dict[str, Any]] = []
+        self.on_sample: Any = None  # called after each measured sample (saves the results)
 
     def warm(self, llm: Any, name: str, c: int) -> None:
         """Vanilla, greedy: the untimed reference run (top-2 logprobs); otherwise a short
@@ -490,6 +491,8 @@ class _Bench:
         ref = self.references.get(c)
         s["identity"] = identity(s["tokens"], ref) if ref else None
         self.samples.append(s)
+        if self.on_sample is not None:
+            self.on_sample()
         return s
 
 
@@ -630,56 +633,76 @@ def run(args: argparse.Namespace) -> int:
         return LLM(model, **kw)
 
     bench = _Bench(table, cells, args.output_len, args.temperature)
+    settings = {
+        "model": model,
+        "dtype": dtype,
+        "block_size": args.block_size,
+        "output_len": args.output_len,
+        "repeats": args.repeats,
+        "tokens": args.tokens,
+        "temperature": args.temperature,
+        "engines": {n: table[n] for n in names},
+        "kv_cache_bytes": kv,
+        "interleaved": args.interleave,
+    }
     total = len(names) * len(cells) * args.repeats
+    # saved after every sample: a long run stopped part way keeps what it measured
+    bench.on_sample = lambda: _save(args.out, _results(settings, cells, bench.samples, total))
     with tqdm(total=total, desc="bench-spec", unit="run") as bar:
         if args.interleave:
             _run_interleaved(bench, names, make, args.repeats, bar)
         else:
             _run_one_by_one(bench, names, make, args.repeats, bar)
-    samples = bench.samples
-    results = {
+    results = _results(settings, cells, bench.samples, total)
+    _save(args.out, results)
+    print(args.out)
+    print(markdown(results))
+    return 0
+
+
+def _save(out: Path, results: dict[str, Any]) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
+
+
+def _results(
+    settings: dict[str, Any], cells: list[dict], samples: list[dict[str, Any]], total: int
+) -> dict[str, Any]:
+    """The results file's content for the samples measured so far (of ``total``)."""
+    interleaved, temperature = settings["interleaved"], settings["temperature"]
+    return {
         "kind": "self-speculation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": machine_info(),
         "versions": version_info(),
-        "settings": {
-            "model": model,
-            "dtype": dtype,
-            "block_size": args.block_size,
-            "output_len": args.output_len,
-            "repeats": args.repeats,
-            "tokens": args.tokens,
-            "temperature": args.temperature,
-            "engines": {n: table[n] for n in names},
-            "kv_cache_bytes": kv,
-            "interleaved": args.interleave,
-        },
+        "settings": settings,
+        "complete": len(samples) == total,
         "cells": [{k: v for k, v in c.items() if k != "prompts"} for c in cells],
         "samples": [{k: v for k, v in s.items() if k != "tokens"} for s in samples],
         "summary": summarize(samples, cells),
         "notes": [
             (
                 "engines alive together, each cell's repeats interleaved across engines"
-                if args.interleave
+                if interleaved
                 else "engines run one after another"
             )
             + ", each with its own KV cache (prefix caching on); vanilla first"
             + (
-                f"; sampled at temperature {args.temperature}: outputs are not compared "
+                f"; sampled at temperature {temperature}: outputs are not compared "
                 "(tests/test_engine_speculate.py tests that speculation keeps the target "
                 "distribution)"
-                if args.temperature
+                if temperature
                 else ": its untimed reference run (top-2 logprobs) defines identity"
             ),
-            *([] if args.temperature else [tie_note()]),
+            *([] if temperature else [tie_note()]),
+            *(
+                []
+                if len(samples) == total
+                else [f"stopped part way: {len(samples)} of {total} runs measured"]
+            ),
             "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
             "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "
             "proposed per generated token (the adaptive rule drafts less where it does not pay)",
         ],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(results))
-    print(args.out)
-    print(markdown(results))
-    return 0
