@@ -332,7 +332,7 @@ def test_drafter_times_each_cycle_on_the_rows_it_proposed_for():
     drafter.payoff = PathPayoff("measured", base="plain", alt="draft")
     drafter._cycle = (10.0, True, {"a", "b"})
     drafter._time_cycle(10.5, ["a", "b", "c"], [[1, 2, 3], [4], [5]], True)  # c: new
-    times = drafter.payoff.classes[1]  # 2 rows: size class 1
+    times = drafter.payoff.classes[2]  # 2 rows
     assert times.alt_s == pytest.approx(0.5 / 4) and times.base_s is None
     drafter._cycle = (20.0, False, {"a", "b"})
     drafter._time_cycle(99.0, ["x"], [[7]], True)
@@ -375,3 +375,19 @@ def test_drafting_must_win_by_its_margin():
     assert drafted(0.97) <= 8  # the first measurement, then re-checks only
     assert drafted(0.90) >= 56
     assert PathPayoff("measured", "plain", "draft", margin=1.05).as_dict()["margin"] == 1.05
+
+
+def test_payoff_times_small_sizes_apart():
+    """Up to exact_upto every size is its own class (a step's time per token falls with
+    its rows: 5 rows must not stand in for 8); above it, powers of two."""
+    from vllm_utio.path_payoff import PathPayoff, size_class
+
+    assert [size_class(n) for n in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [1, 2, 4, 4, 8, 8, 16, 16, 32]
+    assert [size_class(n, 8) for n in (3, 5, 8, 9, 16, 17)] == [3, 5, 8, 16, 16, 32]
+    payoff = PathPayoff("measured", base="plain", alt="draft", exact_upto=8)
+    for rows, draft_s, plain_s in ((8, 0.9, 1.0), (5, 1.6, 1.4)):  # per step, 1 token a row
+        for _ in range(2):  # draft first, then plain
+            draft = payoff.choose(rows)
+            payoff.observe(rows, draft, (draft_s if draft else plain_s), rows)
+    assert payoff.choose(8) is True and payoff.choose(5) is False
+    assert sorted(payoff.as_dict()["size_classes"]) == ["5", "8"]

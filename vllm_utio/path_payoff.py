@@ -2,10 +2,14 @@
 then (used by the probe's routing and by self-speculation's drafting).
 
 Each decided step reports its seconds and the units it produced (tokens); a size class's
-running seconds per unit on each path is an exponential average. Once both paths are
-measured, the faster one runs (the alternative only when faster by ``margin``: it may cost
-what a step's own timing does not see); the other is measured again after 8 steps of the
-class, then after 16, 32, ... up to 128 while the verdict holds, back to 8 when it flips.
+running seconds per unit on each path is an exponential average. Sizes up to
+``exact_upto`` are classes of their own, larger ones share powers of two (5-8, 9-16, ...):
+where a step has a large fixed cost its time per unit falls with its size, so a class that
+mixes sizes would compare one path measured at 8 rows with the other measured at 5.
+Once both paths are measured, the faster one runs (the alternative only when faster by
+``margin``: it may cost what a step's own timing does not see); the other is measured
+again after 8 steps of the class, then after 16, 32, ... up to 128 while the verdict
+holds, back to 8 when it flips.
 """
 
 from __future__ import annotations
@@ -35,21 +39,31 @@ class PathTimes:
         return self.alt_s * margin < self.base_s
 
 
-def size_class(size: int) -> int:
-    """Sizes 2^(k-1)+1 .. 2^k share class k."""
-    return max(size - 1, 0).bit_length()
+def size_class(size: int, exact_upto: int = 0) -> int:
+    """The class of ``size``, named by its largest size: ``size`` itself up to
+    ``exact_upto`` (a power of two), else the power of two at or above it."""
+    if size <= exact_upto:
+        return size
+    return 1 << max(size - 1, 0).bit_length()
 
 
 class PathPayoff:
     """Decides, per step, between a base path and an alternative (``alt``), see the doc.
     ``base``/``alt`` name the paths in :meth:`as_dict`; the alternative runs only while it
-    measures ``margin`` times as fast as the base (1.0: any faster)."""
+    measures ``margin`` times as fast as the base (1.0: any faster); sizes up to
+    ``exact_upto`` are each their own class (:func:`size_class`)."""
 
     def __init__(
-        self, mode: Literal["measured", "always"], base: str, alt: str, margin: float = 1.0
+        self,
+        mode: Literal["measured", "always"],
+        base: str,
+        alt: str,
+        margin: float = 1.0,
+        exact_upto: int = 0,
     ) -> None:
         self.mode = mode
         self.margin = margin
+        self.exact_upto = exact_upto
         self.names = (base, alt)
         self.classes: dict[int, PathTimes] = {}
         self.declined_steps = 0  # steps run on the base path because alt did not pay
@@ -59,7 +73,7 @@ class PathPayoff:
         """Run this step on the alternative path?"""
         if self.mode == "always":
             return True
-        times = self.classes.setdefault(size_class(size), PathTimes())
+        times = self.classes.setdefault(size_class(size, self.exact_upto), PathTimes())
         if times.alt_s is None:
             return True  # measure the alternative first, then the base
         if times.base_s is None:
@@ -79,7 +93,7 @@ class PathPayoff:
         """A decided step's time and what it produced, on the path ``choose`` chose."""
         if self.mode == "always" or size <= 0 or units <= 0:
             return
-        times = self.classes.setdefault(size_class(size), PathTimes())
+        times = self.classes.setdefault(size_class(size, self.exact_upto), PathTimes())
         before = times.alt_wins(self.margin)
         per_unit = seconds / units
         attr = "alt_s" if alt else "base_s"
@@ -98,10 +112,11 @@ class PathPayoff:
             )
 
     def as_dict(self) -> dict[str, object]:
-        """Counters and per size class (largest size) µs per unit on each path."""
+        """Counters and per size class (named by its largest size) µs per unit on each
+        path."""
         base, alt = self.names
         per_class = {
-            str(1 << k): {
+            str(k): {
                 f"{base}_us_per_token": None if t.base_s is None else 1e6 * t.base_s,
                 f"{alt}_us_per_token": None if t.alt_s is None else 1e6 * t.alt_s,
                 "recheck_every": t.recheck_every,
