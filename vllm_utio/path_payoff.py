@@ -41,7 +41,7 @@ class PathTimes:
 
 def size_class(size: int, exact_upto: int = 0) -> int:
     """The class of ``size``, named by its largest size: ``size`` itself up to
-    ``exact_upto`` (a power of two), else the power of two at or above it."""
+    ``exact_upto``, else the power of two at or above it."""
     if size <= exact_upto:
         return size
     return 1 << max(size - 1, 0).bit_length()
