@@ -234,6 +234,7 @@ def test_bench_spec_results_of_a_run_stopped_part_way(tmp_path):
     how much of the run that was, and its table has the rows measured so far."""
     import json
 
+    from vllm_utio.benchmarking.results import machine_info, version_info
     from vllm_utio.benchmarking.speculative import _results, _save
 
     settings = {"model": "m", "dtype": "bfloat16", "block_size": 32, "output_len": 3}
@@ -242,13 +243,14 @@ def test_bench_spec_results_of_a_run_stopped_part_way(tmp_path):
     sample = {"wall_s": 2.0, "decode_tok_s": 10.0, "drafts": 0, "draft_tokens": 0}
     sample |= {"accepted": 0, "draft_s": None, "payoff": None, "engine": "vanilla"}
     sample |= {"cell": 0, "repeat": 0, "identity": None, "tokens": [[1, 2, 3], [4, 5, 6]]}
-    _save(tmp_path / "spec.json", _results(settings, cells, [sample], total=6))
+    facts = {"machine": machine_info(), "versions": version_info()}
+    _save(tmp_path / "spec.json", _results(settings, facts, cells, [sample], total=6))
     saved = json.loads((tmp_path / "spec.json").read_text())
     assert saved["complete"] is False and "tokens" not in saved["samples"][0]
     assert "stopped part way: 1 of 6 runs measured" in saved["notes"]
     assert [r["engine"] for r in saved["summary"]] == ["vanilla"]
     assert "| wikipedia | 8116 | 2 | vanilla | 10.0" in (tmp_path / "spec.md").read_text()
-    assert _results(settings, cells, [sample], total=1)["complete"] is True
+    assert _results(settings, facts, cells, [sample], total=1)["complete"] is True
 
 
 class _Head(torch.nn.Module):

@@ -646,14 +646,17 @@ def run(args: argparse.Namespace) -> int:
         "interleaved": args.interleave,
     }
     total = len(names) * len(cells) * args.repeats
+    facts = {"machine": machine_info(), "versions": version_info()}  # read once per run
     # saved after every sample: a long run stopped part way keeps what it measured
-    bench.on_sample = lambda: _save(args.out, _results(settings, cells, bench.samples, total))
+    bench.on_sample = lambda: _save(
+        args.out, _results(settings, facts, cells, bench.samples, total)
+    )
     with tqdm(total=total, desc="bench-spec", unit="run") as bar:
         if args.interleave:
             _run_interleaved(bench, names, make, args.repeats, bar)
         else:
             _run_one_by_one(bench, names, make, args.repeats, bar)
-    results = _results(settings, cells, bench.samples, total)
+    results = _results(settings, facts, cells, bench.samples, total)
     _save(args.out, results)
     print(args.out)
     print(markdown(results))
@@ -667,15 +670,19 @@ def _save(out: Path, results: dict[str, Any]) -> None:
 
 
 def _results(
-    settings: dict[str, Any], cells: list[dict], samples: list[dict[str, Any]], total: int
+    settings: dict[str, Any],
+    facts: dict[str, Any],
+    cells: list[dict],
+    samples: list[dict[str, Any]],
+    total: int,
 ) -> dict[str, Any]:
-    """The results file's content for the samples measured so far (of ``total``)."""
+    """The results file's content for the samples measured so far (of ``total``);
+    ``facts``: the run's machine and versions."""
     interleaved, temperature = settings["interleaved"], settings["temperature"]
     return {
         "kind": "self-speculation",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": machine_info(),
-        "versions": version_info(),
+        **facts,
         "settings": settings,
         "complete": len(samples) == total,
         "cells": [{k: v for k, v in c.items() if k != "prompts"} for c in cells],
