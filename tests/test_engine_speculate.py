@@ -111,6 +111,13 @@ def test_throttle_and_skip_draft_is_lossless(spec_llm, vanilla_llm):
     assert stats["spec_drafted_tokens"] > 0 and stats["spec_verifications"] > 0
     assert 0 < stats["spec_accepted_tokens"] < stats["spec_verified_tokens"]  # some rejected
     assert stats["spec_tokens_per_verification"] > 1.0
+    # every step's drafts reached the scheduler on the step's own reply, none by the
+    # separate RPC vLLM would otherwise make after each step (draft_handoff.py)
+    from vllm_utio.integration.draft_handoff import SelfDraftExecutor
+
+    backend = spec_llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend
+    assert backend is SelfDraftExecutor
+    assert stats["spec_drafts_fetched"] == 0
     # the long prompts' drafts read fewer positions than dense attention would
     assert stats["spec_draft_kv_tokens_read"] < stats["spec_draft_kv_tokens_dense"]
     # nothing held once every request ended

@@ -101,6 +101,7 @@ class SpeculationStats:
     skipped_rows: int = 0  # decode rows given no draft (adaptive, payoff, opt-out, no slot)
     plain_sampled_steps: int = 0  # steps without any draft, sampled by the plain sampler
     declined_steps: int = 0  # steps whose drafts the measured payoff declined
+    drafts_fetched: int = 0  # steps whose drafts the scheduler fetched by a separate RPC
 
     def as_dict(self) -> dict[str, float | int]:
         out: dict[str, float | int] = {
@@ -114,6 +115,7 @@ class SpeculationStats:
             "spec_skipped_rows": self.skipped_rows,
             "spec_plain_sampled_steps": self.plain_sampled_steps,
             "spec_declined_steps": self.declined_steps,
+            "spec_drafts_fetched": self.drafts_fetched,
         }
         out["spec_acceptance_rate"] = (
             self.accepted_tokens / self.verified_tokens if self.verified_tokens else 0.0

@@ -8,7 +8,8 @@
   process is spawned), selects the UTIO worker class, expands a calibration
   ``artifact`` (checked against the model), and checks model-dependent values once the
   model's depth is known, sets vLLM's ``speculative_config`` for ``speculate``
-  (:mod:`.self_draft`), and installs the admission check of per-request ``utio_*``
+  (:mod:`.self_draft`) with the executor that takes each step's drafts from its reply
+  (:mod:`.draft_handoff`), and installs the admission check of per-request ``utio_*``
   controls (:mod:`.request_validation`). With UTIO off it changes nothing.
 """
 
@@ -152,6 +153,10 @@ def _wrap_create_engine_config(cls: type) -> None:
                     model_config.get_hidden_size(),
                     model_config.get_num_layers(vllm_config.parallel_config),
                 )
+            if cfg.speculate is not None:  # drafts ride on each step's reply
+                from vllm_utio.integration.draft_handoff import use_draft_handoff
+
+                use_draft_handoff(vllm_config)
             # Requests enter through this process (LLM / API server): check their
             # utio_* controls at admission, so a bad value is a ValueError / HTTP 400.
             from vllm_utio.integration.request_validation import install_request_validation

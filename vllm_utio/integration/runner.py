@@ -42,6 +42,7 @@ from vllm_utio.integration.attention import (
     build_sub_batch,
 )
 from vllm_utio.integration.decode_kernel import install_for_all_steps
+from vllm_utio.integration.draft_handoff import attach_drafts
 from vllm_utio.integration.layer_body import make_layer_body
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.integration.select_attention import QueryAwareSelector
@@ -625,7 +626,11 @@ class UtioRunnerMixin:
             t0 = time.perf_counter()
             self._utio_update_signals(state)
             self.utio_stats.routing_s += time.perf_counter() - t0
-        return super().sample_tokens(grammar_output)
+        output = super().sample_tokens(grammar_output)
+        if self._utio_drafter is not None:
+            # the drafts ride on the step's reply: no third RPC per step (draft_handoff.py)
+            attach_drafts(output, super().take_draft_token_ids())
+        return output
 
     def _utio_update_signals(self, state: Any) -> None:
         if self.utio_cfg.router != "surrogate" or state.spec_decode_metadata is not None:
@@ -659,6 +664,12 @@ class UtioRunnerMixin:
         if self._utio_drafter is None:
             return super().propose_draft_token_ids(scheduler_output, sampled_token_ids, *a, **k)
         return self._utio_drafter.propose(scheduler_output, sampled_token_ids)
+
+    def take_draft_token_ids(self) -> Any:
+        # called by the engine core only where the step's reply did not carry the drafts
+        if self._utio_drafter is not None:
+            self._utio_drafter.stats.drafts_fetched += 1
+        return super().take_draft_token_ids()
 
     def _sample(self, logits: Any, spec_decode_metadata: Any) -> Any:
         # with speculation configured vLLM sends every step through its rejection sampler,
