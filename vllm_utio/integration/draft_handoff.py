@@ -3,9 +3,9 @@
 With speculative decoding and synchronous scheduling (vLLM's CPU platform always turns
 async scheduling off), vLLM's engine core asks the worker for the step's drafts with a
 third RPC after each step (``post_step`` -> ``take_draft_token_ids``), after
-``execute_model`` and ``sample_tokens``. Across processes that round trip cost about
-0.7 ms per step on the 2-core test machine, 2-3% of a batch-1 decode step, paid also on
-steps that draft nothing.
+``execute_model`` and ``sample_tokens``. Across processes that round trip cost 0.3-0.6 ms
+per step on the 2-core test machine (1-2% of a batch-1 decode step), paid also on steps
+that draft nothing.
 
 UTIO's runner proposes its drafts inside ``sample_tokens`` (after vLLM's bookkeeping), so
 they are ready when that call returns. The runner attaches them to the step's
