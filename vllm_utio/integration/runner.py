@@ -666,7 +666,8 @@ class UtioRunnerMixin:
         return self._utio_drafter.propose(scheduler_output, sampled_token_ids)
 
     def take_draft_token_ids(self) -> Any:
-        # called by the engine core only where the step's reply did not carry the drafts
+        # the engine core's RPC: made where its executor did not take the drafts from the
+        # step's reply (an in-process executor, which never reads it, or a reply without)
         if self._utio_drafter is not None:
             self._utio_drafter.stats.drafts_fetched += 1
         return super().take_draft_token_ids()
