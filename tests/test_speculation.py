@@ -253,6 +253,66 @@ def test_bench_spec_results_of_a_run_stopped_part_way(tmp_path):
     assert _results(settings, facts, cells, [sample], total=1)["complete"] is True
 
 
+def _spec_run(path, tok_s: dict[str, float], identical: int = 2):
+    """A finished two-engine bench-spec results file: one 4k cell, batch 2, one repeat."""
+    from vllm_utio.benchmarking.results import machine_info, version_info
+    from vllm_utio.benchmarking.speculative import _results, _save
+
+    settings = {"model": "m", "dtype": "bfloat16", "block_size": 32, "output_len": 3}
+    settings |= {"repeats": 1, "tokens": 4, "temperature": 0.0, "interleaved": True}
+    settings["engines"] = {name: {} for name in tok_s}
+    cells = [{"workload": "wikipedia", "context": 4096, "batch": 2, "prompts": ["a", "b"]}]
+    ident = {"identical": identical, "outputs": 2, "mismatches": []}
+    ident["near_ties"] = [{"prompt": 1, "step": 1, "top2_gap": 0.0}] * (2 - identical)
+    samples = [
+        {"wall_s": 1.0, "decode_tok_s": v, **_counts(name.startswith("spec"))}
+        | {"draft_s": None, "payoff": None, "engine": name, "cell": 0, "repeat": 0}
+        | {"identity": ident, "tokens": [[1, 2, 3], [4, 5, 6]]}
+        for name, v in tok_s.items()
+    ]
+    facts = {"machine": machine_info(), "versions": version_info()}
+    _save(path, _results(settings, facts, cells, samples, total=len(samples)))
+    return path
+
+
+def _counts(drafting: bool) -> dict[str, int]:
+    return (
+        {"drafts": 2, "draft_tokens": 4, "accepted": 3}
+        if drafting
+        else dict.fromkeys(("drafts", "draft_tokens", "accepted"), 0)
+    )
+
+
+def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
+    """Two runs of the same cell on machines of different speed: each engine's ratio is
+    taken within its run, the table shows both and their median, the plot is written."""
+    import json
+
+    from vllm_utio.benchmarking.spec_summary import combine
+
+    one = _spec_run(tmp_path / "day1" / "a" / "spec.json", {"vanilla": 10.0, "utio-kernel": 20.0})
+    fast = {"vanilla": 40.0, "utio-kernel": 60.0, "spec-throttle-utio-kernel": 66.0}
+    two = _spec_run(tmp_path / "day2" / "a" / "spec.json", fast, identical=1)
+    out = tmp_path / "sum" / "summary.json"
+    assert combine([one, two], out) == 0
+    rows = json.loads(out.read_text())["rows"]
+    kernel = [r for r in rows if r["engine"] == "utio-kernel"]
+    assert [r["speedup"] for r in kernel] == [2.0, 1.5] and kernel[0]["run"] == "day1/a"
+    (spec,) = [r for r in rows if r["engine"] == "spec-throttle-utio-kernel"]
+    assert spec["vs_kernel"] == pytest.approx(1.1) and spec["acceptance"] == 0.75
+    text = out.with_suffix(".md").read_text()
+    assert "| wikipedia 4096 tok, b2 | 25.0 | 1.75x | 1.65x |" in text  # medians
+    assert "| utio-kernel | 2 | **1.75** (2.00 / 1.50) | - | - | 0.00 |" in text
+    assert "| spec-throttle-utio-kernel | 1 | 1.65 | 1.10 | 0.75 |" in text
+    assert "| 3/4 · 1 · 0 |" in text  # identity summed over both runs
+    assert out.with_suffix(".png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no such results file"):
+        combine([tmp_path / "missing.json"], out)
+    (tmp_path / "other.json").write_text(json.dumps({"kind": "long-context"}))
+    with pytest.raises(SystemExit, match="not bench-spec results"):
+        combine([one, tmp_path / "other.json"], out)
+
+
 class _Head(torch.nn.Module):
     def __init__(self, vocab: int, hidden: int) -> None:
         super().__init__()

@@ -20,7 +20,8 @@ target distribution) and refuse vLLM's own speculation engines: vLLM 0.32's CPU 
 sampler samples them under uninitialised temperatures (vllm-project/vllm#55005; UTIO's
 worker replaces the broken kernel, vanilla vLLM's does not).
 Writes JSON and a markdown table (``.md`` next to it); ``--render FILE`` rewrites an
-earlier run's table under the current near-tie rule.
+earlier run's table under the current near-tie rule; ``--combine FILE ...`` puts several
+runs in one table and plot (:mod:`vllm_utio.benchmarking.spec_summary`).
 """
 
 from __future__ import annotations
@@ -445,6 +446,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run nothing: rewrite this earlier results file's table (and its .md) under "
         "the current near-tie rule",
     )
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="JSON",
+        help="run nothing: one table (-o's .md) and plot (.png) over these results files, "
+        "each engine read against the vanilla engine of its own run",
+    )
     lp.add_block_size_argument(parser)
     lp.add_dtype_argument(parser)
 
@@ -573,6 +583,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.render is not None:
         return render(args.render)
+    if args.combine:
+        from vllm_utio.benchmarking.spec_summary import combine
+
+        return combine(args.combine, args.out)
     if args.quick:
         args.context_lens, args.batch_sizes, args.output_len, args.repeats = [700], [2], 16, 1
     model = str(args.model or default_model_dir())
