@@ -311,6 +311,11 @@ def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"kind": "long-context"}))
     with pytest.raises(SystemExit, match="not bench-spec results"):
         combine([one, tmp_path / "other.json"], out)
+    before = one.read_text()  # -o left at a run's own results file: refused, not overwritten
+    with pytest.raises(SystemExit, match="holds other results"):
+        combine([one, two], one)
+    assert one.read_text() == before
+    assert combine([one, two], out) == 0  # an earlier summary is rewritten
 
 
 class _Head(torch.nn.Module):

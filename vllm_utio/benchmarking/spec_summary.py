@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 KERNEL_ALONE = "utio-kernel"
+KIND = "self-speculation-summary"
 
 
 def cell_key(row: dict[str, Any], temperature: float) -> tuple[str, int, int, float]:
@@ -93,7 +94,8 @@ def _identity(group: list[dict[str, Any]]) -> str:
 
 
 def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
-    """cell -> engine -> its rows (one per run), cells in context then batch order."""
+    """cell -> engine -> its rows (one per run); cells by workload, sampling, context,
+    batch."""
     out: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for r in sorted(rows, key=lambda r: (r["cell"][0], r["cell"][3], r["cell"][1], r["cell"][2])):
         out.setdefault(r["cell"], {}).setdefault(r["engine"], []).append(r)
@@ -208,11 +210,16 @@ def combine(paths: list[Path], out: Path) -> int:
     wrong = [label for label, r in runs.items() if r.get("kind") != "self-speculation"]
     if wrong:
         raise SystemExit(f"--combine: not bench-spec results: {', '.join(wrong)}")
+    if out.is_file() and json.loads(out.read_text()).get("kind") != KIND:
+        raise SystemExit(
+            f"--combine: -o {out} holds other results (a run's results file?); "
+            "name a new file or an earlier summary"
+        )
     rows = collect(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = plot(rows, out.with_suffix(".png"))
     serial = [{**r, "cell": list(r["cell"])} for r in rows]
-    out.write_text(json.dumps({"kind": "self-speculation-summary", "rows": serial}, indent=1))
+    out.write_text(json.dumps({"kind": KIND, "rows": serial}, indent=1))
     out.with_suffix(".md").write_text(markdown(runs, rows, png.name))
     print(out.with_suffix(".md").read_text())
     return 0
