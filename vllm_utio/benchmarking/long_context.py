@@ -26,7 +26,6 @@ engine stay interleaved: UTIO dense and every "-all" policy share the forced eng
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from tqdm import tqdm
 
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.benchmarking.offline import measure_once, summarize
-from vllm_utio.benchmarking.results import new_results, save
+from vllm_utio.benchmarking.results import median_present, new_results, save
 from vllm_utio.integration import attention_timer
 
 KIND = "long-context"
@@ -168,11 +167,6 @@ def run_long(
     return samples
 
 
-def _median(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 def summarize_long(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """:func:`summarize` rows plus medians of the long-context fields."""
     rows = summarize(samples)
@@ -185,7 +179,7 @@ def summarize_long(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ]
         keys = ("attn_ms", "attention_share", "kv_read_fraction", "sparse_share", "select_ms")
         for key in (*keys, "select_share", "reused_per_token", "focused_per_token"):
-            row[key] = _median([s.get(key) for s in group])
+            row[key] = median_present([s.get(key) for s in group])
     return rows
 
 

@@ -28,6 +28,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,12 @@ SCHEMA: dict[str, Any] = {
         "notes": {"type": "array", "items": {"type": "string"}},
     },
 }
+
+
+def median_present(values: list[float | None]) -> float | None:
+    """The median of the values that were measured (None: not measured), or None."""
+    got = [v for v in values if v is not None]
+    return statistics.median(got) if got else None
 
 
 def machine_info() -> dict[str, Any]:

@@ -16,6 +16,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from vllm_utio.benchmarking.results import median_present
+
 KERNEL_ALONE = "utio-kernel"
 KIND = "self-speculation-summary"
 
@@ -69,11 +71,6 @@ def collect(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _median(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 def _ratios(values: list[float | None]) -> str:
     got = [v for v in values if v is not None]
     if not got:
@@ -93,6 +90,11 @@ def _identity(group: list[dict[str, Any]]) -> str:
     return f"{same}/{total} · {ties} · {other}"
 
 
+def _engines(rows: list[dict[str, Any]]) -> list[str]:
+    """The engines compared with vanilla, in the order the runs list them."""
+    return [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "vanilla"]
+
+
 def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
     """cell -> engine -> its rows (one per run); cells by workload, sampling, context,
     batch."""
@@ -104,7 +106,7 @@ def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, 
 
 def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: str) -> str:
     cells = grouped(rows)
-    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "vanilla"]
+    engines = _engines(rows)
     lines = [
         "# Self-speculation: every run in one table",
         "",
@@ -125,8 +127,8 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
         "|---|---|" + "---|" * len(engines),
     ]
     for key, by_engine in cells.items():
-        base = _median([g["vanilla_tok_s"] for g in by_engine.get("vanilla", [])])
-        medians = [_median([g["speedup"] for g in by_engine.get(e, [])]) for e in engines]
+        base = median_present([g["vanilla_tok_s"] for g in by_engine.get("vanilla", [])])
+        medians = [median_present([g["speedup"] for g in by_engine.get(e, [])]) for e in engines]
         lines.append(
             f"| {cell_label(key)} | {'-' if base is None else f'{base:.1f}'} | "
             + " | ".join("-" if m is None else f"{m:.2f}x" for m in medians)
@@ -142,8 +144,8 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
     ]
     for key, by_engine in cells.items():
         for name, group in by_engine.items():
-            acceptance = _median([g["acceptance"] for g in group])
-            drafts = _median([g["drafts_per_output"] for g in group])
+            acceptance = median_present([g["acceptance"] for g in group])
+            drafts = median_present([g["drafts_per_output"] for g in group])
             lines.append(
                 f"| {cell_label(key)} | {name} | {len(group)} | "
                 f"{_ratios([g['speedup'] for g in group])} | "
@@ -173,7 +175,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     cells = grouped(rows)
-    engines = [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "vanilla"]
+    engines = _engines(rows)
     width = 0.8 / max(1, len(engines))
     fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(cells) + 3), 4.8))
     for e, name in enumerate(engines):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 
 from vllm_utio.benchmarking import long_policies as lp
 from vllm_utio.benchmarking.long_context import corpus_ids, long_prompts
-from vllm_utio.benchmarking.results import cpu_label, machine_info, version_info
+from vllm_utio.benchmarking.results import cpu_label, machine_info, median_present, version_info
 
 # One bf16 step of a logit in [16, 32): top-2 gaps are differences of bf16 logits, and
 # vanilla's own timed runs differ from its reference run at gaps of 0 to 0.125 (and once
@@ -311,22 +310,17 @@ def workloads(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
     return cells
 
 
-def _median(values: list[float | None]) -> float | None:
-    got = [v for v in values if v is not None]
-    return statistics.median(got) if got else None
-
-
 def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for c, cell in enumerate(cells):
-        base = _median(
+        base = median_present(
             [s["decode_tok_s"] for s in samples if s["cell"] == c and s["engine"] == "vanilla"]
         )
         for name in dict.fromkeys(s["engine"] for s in samples):
             group = [s for s in samples if s["cell"] == c and s["engine"] == name]
             if not group:
                 continue
-            tok_s = _median([s["decode_tok_s"] for s in group])
+            tok_s = median_present([s["decode_tok_s"] for s in group])
             drafts = sum(s["drafts"] for s in group)
             draft_tokens = sum(s["draft_tokens"] for s in group)
             accepted = sum(s["accepted"] for s in group)
