@@ -96,6 +96,38 @@ def test_speculative_config_uses_vllms_custom_proposer():
     assert hasattr(__import__(module, fromlist=[name]), name)
 
 
+def test_drafts_ride_on_the_reply_only_for_the_executor_that_reads_them():
+    from types import SimpleNamespace
+
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    from vllm_utio.integration.draft_handoff import (
+        DRAFTS_ATTR,
+        SelfDraftExecutor,
+        attach_drafts,
+        reads_drafts_from_reply,
+        use_draft_handoff,
+    )
+
+    def config(backend):
+        return SimpleNamespace(
+            parallel_config=SimpleNamespace(distributed_executor_backend=backend)
+        )
+
+    # vLLM's multiprocess executor is swapped for the one that reads the reply ...
+    mp = config("mp")
+    assert use_draft_handoff(mp) and reads_drafts_from_reply(mp)
+    assert mp.parallel_config.distributed_executor_backend is SelfDraftExecutor
+    assert use_draft_handoff(config(MultiprocExecutor))
+    # ... an in-process one is kept, and then the runner attaches nothing
+    uni = config("uni")
+    assert not use_draft_handoff(uni) and not reads_drafts_from_reply(uni)
+    reply = ModelRunnerOutput(req_ids=["a"], req_id_to_index={"a": 0})
+    attach_drafts(reply, "drafts")
+    assert getattr(reply, DRAFTS_ATTR) == "drafts"
+
+
 @pytest.mark.parametrize(
     ("raw", "needle"),
     [

@@ -50,6 +50,13 @@ def use_draft_handoff(vllm_config: Any) -> bool:
     return True
 
 
+def reads_drafts_from_reply(vllm_config: Any) -> bool:
+    """Worker side: whether the engine runs :class:`SelfDraftExecutor`, which reads the
+    drafts attached to a reply (any other executor asks ``take_draft_token_ids``, so
+    attaching them would only build them twice)."""
+    return vllm_config.parallel_config.distributed_executor_backend is SelfDraftExecutor
+
+
 class SelfDraftExecutor(MultiprocExecutor):
     """vLLM's multiprocess executor; ``take_draft_token_ids`` answers from the drafts the
     last blocking ``sample_tokens`` reply carried."""

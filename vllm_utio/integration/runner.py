@@ -42,7 +42,7 @@ from vllm_utio.integration.attention import (
     build_sub_batch,
 )
 from vllm_utio.integration.decode_kernel import install_for_all_steps
-from vllm_utio.integration.draft_handoff import attach_drafts
+from vllm_utio.integration.draft_handoff import attach_drafts, reads_drafts_from_reply
 from vllm_utio.integration.layer_body import make_layer_body
 from vllm_utio.integration.model_stack import DecoderStack, UnsupportedModelError
 from vllm_utio.integration.select_attention import QueryAwareSelector
@@ -103,6 +103,8 @@ class UtioRunnerMixin:
         self._utio_estimate_warned = False
         self._utio_selector: QueryAwareSelector | None = None  # policy 'select'
         self._utio_drafter: SelfDrafter | None = None  # 'speculate'
+        # whether the engine's executor reads drafts off each step's reply (draft_handoff)
+        self._utio_drafts_on_reply = reads_drafts_from_reply(self.vllm_config)
         self._utio_decode_kernel = False  # decode_kernel 'utio' installed
         # while drafting: the draft plan's policy and the draft batch's request ids
         self._utio_policy_override: AttentionPolicy | None = None
@@ -627,8 +629,9 @@ class UtioRunnerMixin:
             self._utio_update_signals(state)
             self.utio_stats.routing_s += time.perf_counter() - t0
         output = super().sample_tokens(grammar_output)
-        if self._utio_drafter is not None:
-            # the drafts ride on the step's reply: no third RPC per step (draft_handoff.py)
+        if self._utio_drafter is not None and self._utio_drafts_on_reply:
+            # the drafts ride on the step's reply: no third RPC per step (draft_handoff.py);
+            # another executor (in-process) asks take_draft_token_ids, so none are attached
             attach_drafts(output, super().take_draft_token_ids())
         return output
 
@@ -666,8 +669,8 @@ class UtioRunnerMixin:
         return self._utio_drafter.propose(scheduler_output, sampled_token_ids)
 
     def take_draft_token_ids(self) -> Any:
-        # the engine core's RPC: made where its executor did not take the drafts from the
-        # step's reply (an in-process executor, which never reads it, or a reply without)
+        # the engine core's RPC: made where its executor does not take the drafts from the
+        # step's reply (an in-process executor, or a reply without them)
         if self._utio_drafter is not None:
             self._utio_drafter.stats.drafts_fetched += 1
         return super().take_draft_token_ids()
