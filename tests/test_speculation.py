@@ -476,6 +476,34 @@ def test_drafting_must_win_by_its_margin():
     assert PathPayoff("measured", "plain", "draft", margin=1.05).as_dict()["margin"] == 1.05
 
 
+def test_one_slow_step_does_not_decide_a_measurement():
+    """With measure_steps 3 a path's (re-)measurement is the median of 3 steps: one slow
+    plain step (a page fault, a neighbour waking) no longer makes a losing draft look
+    faster for the next 8 steps; with one step per measurement it does."""
+    from vllm_utio.integration.self_draft import MEASURE_CYCLES
+    from vllm_utio.path_payoff import PathPayoff
+
+    def drafted(measure_steps: int) -> list[bool]:
+        payoff = PathPayoff("measured", "plain", "draft", margin=1.05, measure_steps=measure_steps)
+        plain_steps, chosen = 0, []
+        for _ in range(24):
+            draft = payoff.choose(1)
+            if not draft:
+                plain_steps += 1
+            slow = not draft and plain_steps == 1  # the first plain step ever: 40% slow
+            payoff.observe(1, draft, 1.1 if draft else (1.4 if slow else 1.0), 1)
+            chosen.append(draft)
+        return chosen
+
+    assert MEASURE_CYCLES == 3
+    one = drafted(1)  # draft, plain (slow), then drafting wins until the re-check at 8
+    assert one[:2] == [True, False] and all(one[2:9])
+    three = drafted(3)  # drafted 3 (measuring), plain 3 (median 1.0), then plain
+    assert three[:6] == [True] * 3 + [False] * 3 and not any(three[6:13])
+    # the re-check of drafting: 3 steps in a row, then plain again
+    assert three[13:16] == [True] * 3 and not any(three[16:])
+
+
 def test_payoff_times_small_sizes_apart():
     """Up to exact_upto every size is its own class (a step's time per token falls with
     its rows: 5 rows must not stand in for 8); above it, powers of two."""

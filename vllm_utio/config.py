@@ -341,7 +341,8 @@ class SpeculateConfig(_Strict):
         description="adaptive: 'measured' lets rows draft only while steps that drafted "
         "have yielded tokens faster by min_gain (wall time per token, drafting included; "
         "steps that also prefilled are not timed) than steps that did not, per batch "
-        "size, re-measuring the other way every 8-128 steps: the cost model's costs are "
+        "size, re-measuring the other way every 8-128 steps (each measurement the median of "
+        "3 steps): the cost model's costs are "
         "estimates, and on a machine where a draft step costs more than they say drafting "
         "loses. 'always': the cost model alone decides.",
     )

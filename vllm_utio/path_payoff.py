@@ -9,12 +9,15 @@ mixes sizes would compare one path measured at 8 rows with the other measured at
 Once both paths are measured, the faster one runs (the alternative only when faster by
 ``margin``: it may cost what a step's own timing does not see); the other is measured
 again after 8 steps of the class, then after 16, 32, ... up to 128 while the verdict
-holds, back to 8 when it flips.
+holds, back to 8 when it flips. A measurement (a path's first, or a re-check) may span
+``measure_steps`` steps and keeps their median time per unit: where single steps are
+short and noisy (batch 1), one slow step would otherwise decide the next 8-128.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from statistics import median
 from typing import Literal
 
 FIRST_RECHECK = 8  # steps of a size class before the losing path is measured again
@@ -30,7 +33,9 @@ class PathTimes:
     alt_s: float | None = None
     since_check: int = 0  # steps since the losing path last ran
     recheck_every: int = FIRST_RECHECK
-    checking: bool = False  # the step in flight runs the losing path to re-measure it
+    checking: bool = False  # the losing path runs to be re-measured
+    check_alt: bool = False  # which path that is
+    window: list[float] = field(default_factory=list)  # the measurement's times per unit
 
     def alt_wins(self, margin: float = 1.0) -> bool | None:
         """Is the alternative faster than the base path by at least ``margin``?"""
@@ -51,7 +56,8 @@ class PathPayoff:
     """Decides, per step, between a base path and an alternative (``alt``), see the doc.
     ``base``/``alt`` name the paths in :meth:`as_dict`; the alternative runs only while it
     measures ``margin`` times as fast as the base (1.0: any faster); sizes up to
-    ``exact_upto`` are each their own class (:func:`size_class`)."""
+    ``exact_upto`` are each their own class (:func:`size_class`); a measurement spans
+    ``measure_steps`` steps (their median)."""
 
     def __init__(
         self,
@@ -60,8 +66,10 @@ class PathPayoff:
         alt: str,
         margin: float = 1.0,
         exact_upto: int = 0,
+        measure_steps: int = 1,
     ) -> None:
         self.mode = mode
+        self.measure_steps = measure_steps
         self.margin = margin
         self.exact_upto = exact_upto
         self.names = (base, alt)
@@ -79,11 +87,14 @@ class PathPayoff:
         if times.base_s is None:
             self.recheck_steps += 1
             return False
+        if times.checking:  # a re-check's measurement is still running
+            self.recheck_steps += 1
+            return times.check_alt
         wins = bool(times.alt_wins(self.margin))
         times.since_check += 1
-        times.checking = times.since_check >= times.recheck_every
-        if times.checking:
+        if times.since_check >= times.recheck_every:
             times.since_check = 0
+            times.checking, times.check_alt = True, not wins
             self.recheck_steps += 1
             return not wins
         self.declined_steps += int(not wins)
@@ -94,17 +105,22 @@ class PathPayoff:
         if self.mode == "always" or size <= 0 or units <= 0:
             return
         times = self.classes.setdefault(size_class(size, self.exact_upto), PathTimes())
-        before = times.alt_wins(self.margin)
         per_unit = seconds / units
         attr = "alt_s" if alt else "base_s"
         old = getattr(times, attr)
-        if old is None or times.checking:
-            # a path not run for a while: its old time is stale (the batch's contexts and
-            # the machine's load have moved on since)
-            setattr(times, attr, per_unit)
-        else:
+        checked = times.checking and alt == times.check_alt
+        if old is not None and not checked:
             setattr(times, attr, (1 - EMA_WEIGHT) * old + EMA_WEIGHT * per_unit)
-        if times.checking:  # a re-measured losing path: back off while the verdict holds
+            return
+        # a path not run for a while: its old time is stale (the batch's contexts and the
+        # machine's load have moved on since), so its measurement replaces it
+        times.window.append(per_unit)
+        if len(times.window) < self.measure_steps:
+            return
+        before = times.alt_wins(self.margin)
+        setattr(times, attr, median(times.window))
+        times.window = []
+        if checked:  # a re-measured losing path: back off while the verdict holds
             times.checking = False
             held = times.alt_wins(self.margin) == before
             times.recheck_every = (

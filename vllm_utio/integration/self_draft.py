@@ -41,6 +41,9 @@ PROPOSER_CLASS = "vllm_utio.integration.self_draft.UtioDraftProposer"
 # steeply with the rows (at 4k: 35 ms for 1 row, 70 ms for 8), and a shared class 5-8 once
 # set plain steps timed at 5 rows against drafting timed at 8
 EXACT_ROWS = 32
+# steps (median) per measurement of a path: at batch 1 a cycle lasts ~30 ms and one slow
+# one (measured 46 ms against 35 at 4k) decided drafting for the next 8-128 cycles
+MEASURE_CYCLES = 3
 
 
 def speculative_config(spec: SpeculateConfig) -> dict[str, Any]:
@@ -158,7 +161,12 @@ class SelfDrafter:
         # costs later (rows that accept different counts finish at different steps, and a
         # batch's last steps then run few rows, at a higher cost per token)
         self.payoff = PathPayoff(
-            spec.payoff, base="plain", alt="draft", margin=spec.min_gain, exact_upto=EXACT_ROWS
+            spec.payoff,
+            base="plain",
+            alt="draft",
+            margin=spec.min_gain,
+            exact_upto=EXACT_ROWS,
+            measure_steps=MEASURE_CYCLES,
         )
         self._cycle: tuple[float, bool, set[str]] | None = None  # start, drafted, rows
         stack = runner._utio_executor.stack
