@@ -480,7 +480,6 @@ def test_one_slow_step_does_not_decide_a_measurement():
     """With measure_steps 3 a path's (re-)measurement is the median of 3 steps: one slow
     plain step (a page fault, a neighbour waking) no longer makes a losing draft look
     faster for the next 8 steps; with one step per measurement it does."""
-    from vllm_utio.integration.self_draft import MEASURE_CYCLES
     from vllm_utio.path_payoff import PathPayoff
 
     def drafted(measure_steps: int) -> list[bool]:
@@ -495,13 +494,33 @@ def test_one_slow_step_does_not_decide_a_measurement():
             chosen.append(draft)
         return chosen
 
-    assert MEASURE_CYCLES == 3
     one = drafted(1)  # draft, plain (slow), then drafting wins until the re-check at 8
     assert one[:2] == [True, False] and all(one[2:9])
     three = drafted(3)  # drafted 3 (measuring), plain 3 (median 1.0), then plain
     assert three[:6] == [True] * 3 + [False] * 3 and not any(three[6:13])
     # the re-check of drafting: 3 steps in a row, then plain again
     assert three[13:16] == [True] * 3 and not any(three[16:])
+
+
+def test_a_measurement_of_long_steps_ends_at_its_time():
+    """The drafter's measurement: up to MEASURE_CYCLES short (batch-1) cycles, but one
+    long (large-batch) cycle once it lasts MEASURE_S: measuring a losing path longer there
+    only costs more (4k, batch 32: ~4% of the kernel alone's speed)."""
+    from vllm_utio.integration.self_draft import MEASURE_CYCLES, MEASURE_S
+    from vllm_utio.path_payoff import PathPayoff
+
+    def first_choices(step_s: float) -> list[bool]:
+        payoff = PathPayoff("measured", "plain", "draft", 1.05, 32, MEASURE_CYCLES, MEASURE_S)
+        chosen = []
+        for _ in range(2 * MEASURE_CYCLES):
+            draft = payoff.choose(1)
+            payoff.observe(1, draft, step_s * (1.2 if draft else 1.0), 1)
+            chosen.append(draft)
+        return chosen
+
+    assert MEASURE_CYCLES == 3 and MEASURE_S == 0.1
+    assert first_choices(0.035) == [True] * 3 + [False] * 3  # 3 x 35-42 ms: 3 steps each
+    assert first_choices(0.25) == [True, False, False, False, False, False]  # one each
 
 
 def test_payoff_times_small_sizes_apart():

@@ -10,8 +10,10 @@ Once both paths are measured, the faster one runs (the alternative only when fas
 ``margin``: it may cost what a step's own timing does not see); the other is measured
 again after 8 steps of the class, then after 16, 32, ... up to 128 while the verdict
 holds, back to 8 when it flips. A measurement (a path's first, or a re-check) may span
-``measure_steps`` steps and keeps their median time per unit: where single steps are
-short and noisy (batch 1), one slow step would otherwise decide the next 8-128.
+up to ``measure_steps`` steps, ending early once they took ``measure_s`` seconds, and
+keeps their median time per unit: where single steps are short and noisy (batch 1), one
+slow step would otherwise decide the next 8-128; long steps (large batches) are steady,
+and measuring the losing path longer would only cost more.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class PathTimes:
     checking: bool = False  # the losing path runs to be re-measured
     check_alt: bool = False  # which path that is
     window: list[float] = field(default_factory=list)  # the measurement's times per unit
+    window_s: float = 0.0  # and its seconds
 
     def alt_wins(self, margin: float = 1.0) -> bool | None:
         """Is the alternative faster than the base path by at least ``margin``?"""
@@ -56,8 +59,8 @@ class PathPayoff:
     """Decides, per step, between a base path and an alternative (``alt``), see the doc.
     ``base``/``alt`` name the paths in :meth:`as_dict`; the alternative runs only while it
     measures ``margin`` times as fast as the base (1.0: any faster); sizes up to
-    ``exact_upto`` are each their own class (:func:`size_class`); a measurement spans
-    ``measure_steps`` steps (their median)."""
+    ``exact_upto`` are each their own class (:func:`size_class`); a measurement spans up
+    to ``measure_steps`` steps or ``measure_s`` seconds (their median)."""
 
     def __init__(
         self,
@@ -67,9 +70,11 @@ class PathPayoff:
         margin: float = 1.0,
         exact_upto: int = 0,
         measure_steps: int = 1,
+        measure_s: float | None = None,
     ) -> None:
         self.mode = mode
         self.measure_steps = measure_steps
+        self.measure_s = measure_s
         self.margin = margin
         self.exact_upto = exact_upto
         self.names = (base, alt)
@@ -115,11 +120,13 @@ class PathPayoff:
         # a path not run for a while: its old time is stale (the batch's contexts and the
         # machine's load have moved on since), so its measurement replaces it
         times.window.append(per_unit)
-        if len(times.window) < self.measure_steps:
+        times.window_s += seconds
+        long_enough = self.measure_s is not None and times.window_s >= self.measure_s
+        if len(times.window) < self.measure_steps and not long_enough:
             return
         before = times.alt_wins(self.margin)
         setattr(times, attr, median(times.window))
-        times.window = []
+        times.window, times.window_s = [], 0.0
         if checked:  # a re-measured losing path: back off while the verdict holds
             times.checking = False
             held = times.alt_wins(self.margin) == before

@@ -41,9 +41,11 @@ PROPOSER_CLASS = "vllm_utio.integration.self_draft.UtioDraftProposer"
 # steeply with the rows (at 4k: 35 ms for 1 row, 70 ms for 8), and a shared class 5-8 once
 # set plain steps timed at 5 rows against drafting timed at 8
 EXACT_ROWS = 32
-# steps (median) per measurement of a path: at batch 1 a cycle lasts ~30 ms and one slow
-# one (measured 46 ms against 35 at 4k) decided drafting for the next 8-128 cycles
+# a measurement of a path: up to 3 cycles (their median) or 0.1 s. At batch 1 a plain cycle
+# lasts ~35 ms, and one slow one (46 ms, 4k) once decided drafting for the next 8-128;
+# a batch-32 cycle (~0.25 s) is steady, and 3 of them on the losing path cost ~4%
 MEASURE_CYCLES = 3
+MEASURE_S = 0.1
 
 
 def speculative_config(spec: SpeculateConfig) -> dict[str, Any]:
@@ -167,6 +169,7 @@ class SelfDrafter:
             margin=spec.min_gain,
             exact_upto=EXACT_ROWS,
             measure_steps=MEASURE_CYCLES,
+            measure_s=MEASURE_S,
         )
         self._cycle: tuple[float, bool, set[str]] | None = None  # start, drafted, rows
         stack = runner._utio_executor.stack
