@@ -521,6 +521,13 @@ def test_a_measurement_of_long_steps_ends_at_its_time():
     assert MEASURE_CYCLES == 3 and MEASURE_S == 0.1
     assert first_choices(0.035) == [True] * 3 + [False] * 3  # 3 x 35-42 ms: 3 steps each
     assert first_choices(0.25) == [True, False, False, False, False, False]  # one each
+    # a plain cycle the payoff was not asked about (the cost model proposed no drafts)
+    # while drafting is being measured counts for plain, not in drafting's measurement
+    payoff = PathPayoff("measured", "plain", "draft", 1.05, 32, MEASURE_CYCLES, MEASURE_S)
+    for draft, seconds in ((True, 0.05), (False, 0.01), (True, 0.04), (True, 0.06)):
+        payoff.observe(1, draft, seconds, 1)
+    times = payoff.classes[1]
+    assert times.alt_s == pytest.approx(0.05) and times.base_s is None
 
 
 def test_payoff_times_small_sizes_apart():

@@ -37,8 +37,9 @@ class PathTimes:
     recheck_every: int = FIRST_RECHECK
     checking: bool = False  # the losing path runs to be re-measured
     check_alt: bool = False  # which path that is
-    window: list[float] = field(default_factory=list)  # the measurement's times per unit
-    window_s: float = 0.0  # and its seconds
+    # per path (alt: True), the running measurement's times per unit and its seconds
+    windows: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
+    window_s: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
 
     def alt_wins(self, margin: float = 1.0) -> bool | None:
         """Is the alternative faster than the base path by at least ``margin``?"""
@@ -119,14 +120,15 @@ class PathPayoff:
             return
         # a path not run for a while: its old time is stale (the batch's contexts and the
         # machine's load have moved on since), so its measurement replaces it
-        times.window.append(per_unit)
-        times.window_s += seconds
-        long_enough = self.measure_s is not None and times.window_s >= self.measure_s
-        if len(times.window) < self.measure_steps and not long_enough:
+        window = times.windows[alt]
+        window.append(per_unit)
+        times.window_s[alt] += seconds
+        long_enough = self.measure_s is not None and times.window_s[alt] >= self.measure_s
+        if len(window) < self.measure_steps and not long_enough:
             return
         before = times.alt_wins(self.margin)
-        setattr(times, attr, median(times.window))
-        times.window, times.window_s = [], 0.0
+        setattr(times, attr, median(window))
+        times.windows[alt], times.window_s[alt] = [], 0.0
         if checked:  # a re-measured losing path: back off while the verdict holds
             times.checking = False
             held = times.alt_wins(self.margin) == before
