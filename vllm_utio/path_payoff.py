@@ -37,9 +37,10 @@ class PathTimes:
     recheck_every: int = FIRST_RECHECK
     checking: bool = False  # the losing path runs to be re-measured
     check_alt: bool = False  # which path that is
-    # per path (alt: True), the running measurement's times per unit and its seconds
-    windows: dict[bool, list[float]] = field(default_factory=lambda: {False: [], True: []})
-    window_s: dict[bool, float] = field(default_factory=lambda: {False: 0.0, True: 0.0})
+    # per path (alt: True), the running measurement's steps: (seconds, time per unit)
+    windows: dict[bool, list[tuple[float, float]]] = field(
+        default_factory=lambda: {False: [], True: []}
+    )
 
     def alt_wins(self, margin: float = 1.0) -> bool | None:
         """Is the alternative faster than the base path by at least ``margin``?"""
@@ -121,14 +122,14 @@ class PathPayoff:
         # a path not run for a while: its old time is stale (the batch's contexts and the
         # machine's load have moved on since), so its measurement replaces it
         window = times.windows[alt]
-        window.append(per_unit)
-        times.window_s[alt] += seconds
-        long_enough = self.measure_s is not None and times.window_s[alt] >= self.measure_s
+        window.append((seconds, per_unit))
+        lasted = sum(s for s, _ in window)
+        long_enough = self.measure_s is not None and lasted >= self.measure_s
         if len(window) < self.measure_steps and not long_enough:
             return
         before = times.alt_wins(self.margin)
-        setattr(times, attr, median(window))
-        times.windows[alt], times.window_s[alt] = [], 0.0
+        setattr(times, attr, median(u for _, u in window))
+        times.windows[alt] = []
         if checked:  # a re-measured losing path: back off while the verdict holds
             times.checking = False
             held = times.alt_wins(self.margin) == before
