@@ -320,11 +320,15 @@ def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
     taken within its run, the table shows both and their median, the plot is written."""
     import json
 
+    from vllm_utio.benchmarking.results import cpu_label, machine_info
     from vllm_utio.benchmarking.spec_summary import combine
 
     one = _spec_run(tmp_path / "day1" / "a" / "spec.json", {"vanilla": 10.0, "utio-kernel": 20.0})
     fast = {"vanilla": 40.0, "utio-kernel": 60.0, "spec-throttle-utio-kernel": 66.0}
     two = _spec_run(tmp_path / "day2" / "a" / "spec.json", fast, identical=1)
+    moved = json.loads(two.read_text())  # the second run on another machine
+    moved["machine"] |= {"cpu": "Other CPU", "isa": "AVX2", "cpu_id": "family 6 model 85"}
+    two.write_text(json.dumps(moved))
     out = tmp_path / "sum" / "summary.json"
     assert combine([one, two], out) == 0
     rows = json.loads(out.read_text())["rows"]
@@ -337,6 +341,9 @@ def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
     assert "| utio-kernel | 2 | **1.75** (2.00 / 1.50) | - | - | 0.00 |" in text
     assert "| spec-throttle-utio-kernel | 1 | 1.65 | 1.10 | 0.75 |" in text
     assert "| 3/4 · 1 · 0 |" in text  # identity summed over both runs
+    runs = [line for line in text.splitlines() if line.startswith("- `day")]
+    assert cpu_label(machine_info()) in runs[0]  # each run names its machine
+    assert "Other CPU (AVX2) [family 6 model 85]" in runs[1]
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no such results file"):
         combine([tmp_path / "missing.json"], out)

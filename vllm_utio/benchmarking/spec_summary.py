@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from vllm_utio.benchmarking.results import median_present
+from vllm_utio.benchmarking.results import cpu_label, median_present
 
 KERNEL_ALONE = "utio-kernel"
 KIND = "self-speculation-summary"
@@ -161,9 +161,10 @@ def _run_line(results: dict[str, Any]) -> str:
     engines = ", ".join(n for n in s["engines"] if n != "vanilla")
     mode = "interleaved" if s.get("interleaved") else "one after another"
     complete = "" if results.get("complete", True) else ", stopped part way"
+    # runs of one summary may come from different machines: each names its CPU
     return (
-        f"{results['created'][:10]}, {s['repeats']} repeats {mode}, "
-        f"block {s['block_size']}, {s['dtype']}{complete}; engines: {engines}"
+        f"{results['created'][:10]}, {cpu_label(results['machine'])}, {s['repeats']} repeats "
+        f"{mode}, block {s['block_size']}, {s['dtype']}{complete}; engines: {engines}"
     )
 
 
