@@ -15,6 +15,7 @@ value in the batched run.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 
@@ -22,9 +23,8 @@ from transformers import AutoTokenizer
 from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
-from vllm_utio.assets.data import load_wiki_documents
 from vllm_utio.benchmarking import long_policies as lp
-from vllm_utio.benchmarking.long_context import corpus_ids, long_prompts
+from vllm_utio.benchmarking.speculative import workloads
 from vllm_utio.paths import default_model_dir
 
 BF16_MANTISSA_BITS = 7
@@ -44,10 +44,10 @@ def main(argv: list[str]) -> int:
     context, batch = int(argv[0]), int(argv[1])
     pairs = [tuple(int(x) for x in a.split(":")) for a in argv[2:]]
     model = str(default_model_dir())
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    longest = max(context, 512)  # as bench-spec builds a single-context run's prompts
-    ids = corpus_ids(tokenizer, [d["text"] for d in load_wiki_documents()], batch * longest)
-    prompts = long_prompts(ids, batch, context, batch, longest)
+    # the prompts bench-spec builds for a run of this one cell
+    cell = argparse.Namespace(context_lens=[context], batch_sizes=[batch], short=False)
+    (only,) = workloads(cell, AutoTokenizer.from_pretrained(model))
+    prompts = only["prompts"]
     last = max(step for _, step in pairs)
     kw = lp.engine_kwargs(context + last + 8, 2, 1 << 30, False, block_size=32)
     llm = LLM(model, logprobs_mode="raw_logits", **kw)
