@@ -2,9 +2,10 @@
 
     python benchmarks/tie_logits.py CONTEXT BATCH PROMPT:STEP [PROMPT:STEP ...]
 
-``bench-spec`` calls a difference a near tie when vanilla's top-2 log-probabilities at
-the first differing step are at most 0.125 nats apart: one bf16 step of a logit of 16-32.
-Where the top logit is larger, one bf16 step is wider (0.25 in [32, 64)). This runs
+``bench-spec`` calls a difference a near tie when vanilla's top-2 logits at the first
+differing step are at most 0.125 nats apart (one bf16 step of a logit of 16-32), or one
+bf16 step of the top logit where that is wider (0.25 in [32, 64)). Its results files
+before 2026-12-07's fourteenth session kept no top logit; for their cases this runs
 vanilla vLLM alone on ``bench-spec``'s prompt ``PROMPT`` of the ``CONTEXT``-token,
 ``BATCH``-row Wikipedia cell (the same token ids), greedy, with
 ``logprobs_mode: "raw_logits"``, and prints the top-2 raw logits around ``STEP``, their
@@ -16,7 +17,6 @@ value in the batched run.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
 from transformers import AutoTokenizer
@@ -24,17 +24,8 @@ from vllm import LLM, SamplingParams
 from vllm.inputs import TokensPrompt
 
 from vllm_utio.benchmarking import long_policies as lp
-from vllm_utio.benchmarking.speculative import workloads
+from vllm_utio.benchmarking.speculative import bf16_step, workloads
 from vllm_utio.paths import default_model_dir
-
-BF16_MANTISSA_BITS = 7
-
-
-def bf16_spacing(value: float) -> float:
-    """The gap between ``value`` and the next bf16 number of the same sign."""
-    if value == 0:
-        return 0.0
-    return 2.0 ** (math.floor(math.log2(abs(value))) - BF16_MANTISSA_BITS)
 
 
 def main(argv: list[str]) -> int:
@@ -61,7 +52,7 @@ def main(argv: list[str]) -> int:
             top, second = a.logprob, b.logprob
             print(
                 f"  step {i}: token {t1} {top:.4f}, token {t2} {second:.4f}, "
-                f"gap {top - second:.4f}, bf16 spacing at the top logit {bf16_spacing(top):g}"
+                f"gap {top - second:.4f}, bf16 spacing at the top logit {bf16_step(top):g}"
             )
     return 0
 

@@ -169,6 +169,21 @@ def test_identity_counts_one_bf16_step_as_a_near_tie():
     assert reclassify(old) == got
 
 
+def test_near_tie_line_widens_with_the_top_logits_bf16_step():
+    """With vanilla's top logit known, a gap of one bf16 step of it is a near tie: 0.25
+    at a logit of 38.5 (adjacent bf16 values 38.25 and 38.5), not at 20 (step 0.125)."""
+    from vllm_utio.benchmarking.speculative import bf16_step, identity, tie_line
+
+    assert bf16_step(38.5) == 0.25 and bf16_step(20.0) == 0.125 and bf16_step(-13.5) == 0.0625
+    assert tie_line(None) == tie_line(5.0) == 0.125 and tie_line(70.0) == 0.5
+    ref = {"tokens": [[1, 2, 3]] * 3, "top2_gap": [[0.0, 0.25, 0.0]] * 3}
+    ref["top1_logit"] = [[40.0, 38.5, 30.0], [40.0, 20.0, 30.0], [40.0, 38.5, 30.0]]
+    got = identity([[1, 9, 3], [1, 9, 3], [1, 2, 3]], ref)
+    assert got["identical"] == 1
+    assert got["near_ties"] == [{"prompt": 0, "step": 1, "top2_gap": 0.25, "top1_logit": 38.5}]
+    assert [(e["prompt"], e["top1_logit"]) for e in got["mismatches"]] == [(1, 20.0)]
+
+
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_bench_spec_engines_are_valid_configs(block_size):
     from vllm_utio.benchmarking.speculative import engines
@@ -285,21 +300,23 @@ def test_bench_spec_results_of_a_run_stopped_part_way(tmp_path):
     assert _results(settings, facts, cells, [sample], total=1)["complete"] is True
 
 
-def _spec_run(path, tok_s: dict[str, float], identical: int = 2):
-    """A finished two-engine bench-spec results file: one 4k cell, batch 2, one repeat."""
+def _spec_run(path, tok_s: dict[str, float], identical: int = 2, repeats: int = 1):
+    """A finished bench-spec results file: one 4k cell, batch 2, each engine's repeats
+    alike (``identical`` outputs per repeat, the other a near tie)."""
     from vllm_utio.benchmarking.results import machine_info, version_info
     from vllm_utio.benchmarking.speculative import _results, _save
 
     settings = {"model": "m", "dtype": "bfloat16", "block_size": 32, "output_len": 3}
-    settings |= {"repeats": 1, "tokens": 4, "temperature": 0.0, "interleaved": True}
+    settings |= {"repeats": repeats, "tokens": 4, "temperature": 0.0, "interleaved": True}
     settings["engines"] = {name: {} for name in tok_s}
     cells = [{"workload": "wikipedia", "context": 4096, "batch": 2, "prompts": ["a", "b"]}]
     ident = {"identical": identical, "outputs": 2, "mismatches": []}
     ident["near_ties"] = [{"prompt": 1, "step": 1, "top2_gap": 0.0}] * (2 - identical)
     samples = [
         {"wall_s": 1.0, "decode_tok_s": v, **_counts(name.startswith("spec"))}
-        | {"draft_s": None, "payoff": None, "engine": name, "cell": 0, "repeat": 0}
+        | {"draft_s": None, "payoff": None, "engine": name, "cell": 0, "repeat": repeat}
         | {"identity": ident, "tokens": [[1, 2, 3], [4, 5, 6]]}
+        for repeat in range(repeats)
         for name, v in tok_s.items()
     ]
     facts = {"machine": machine_info(), "versions": version_info()}
@@ -355,6 +372,39 @@ def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
         combine([one, two], one)
     assert one.read_text() == before
     assert combine([one, two], out) == 0  # an earlier summary is rewritten
+
+
+def test_identity_is_counted_over_every_repeat(tmp_path):
+    """A difference in a later repeat shows in the run's table, its render and the
+    summary, also for a file whose table counted the first repeat only (before the
+    fourteenth session)."""
+    import json
+
+    from vllm_utio.benchmarking.spec_summary import combine
+    from vllm_utio.benchmarking.speculative import render
+
+    path = _spec_run(tmp_path / "d" / "a" / "spec.json", {"vanilla": 10.0, "spec-x": 20.0}, 2, 2)
+    results = json.loads(path.read_text())
+    later = [s for s in results["samples"] if s["engine"] == "spec-x" and s["repeat"] == 1]
+    far = {"prompt": 0, "step": 2, "top2_gap": 0.5, "top1_logit": 25.0}
+    later[0]["identity"] = {"identical": 1, "outputs": 2, "near_ties": [], "mismatches": [far]}
+    (row,) = [r for r in results["summary"] if r["engine"] == "spec-x"]
+    assert row["identity"]["identical"] == 4  # the table as written, before that repeat changed
+    path.write_text(json.dumps(results))
+    assert render(path) == 0
+    (row,) = [r for r in json.loads(path.read_text())["summary"] if r["engine"] == "spec-x"]
+    assert (row["identity"]["identical"], row["identity"]["outputs"]) == (3, 4)
+    assert row["identity"]["mismatches"] == [{**far, "repeat": 1}]
+    table = path.with_suffix(".md").read_text()
+    assert "| 3/4 | 0 | 1 |" in table
+    assert (
+        "- wikipedia 4096, b2, spec-x: prompt 0 (repeat 1) step 2: gap 0.5, top logit 25 "
+        "(bf16 step 0.125) **not a near tie**"
+    ) in table
+    out = tmp_path / "summary.json"
+    assert combine([path], out) == 0
+    text = out.with_suffix(".md").read_text()
+    assert "| 3/4 · 0 · 1 |" in text and "## Other mismatches (not near ties)" in text
 
 
 class _Head(torch.nn.Module):

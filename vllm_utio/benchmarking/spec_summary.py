@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_utio.benchmarking.results import cpu_label, median_present
+from vllm_utio.benchmarking.speculative import current_identity, describe_difference
 
 KERNEL_ALONE = "utio-kernel"
 KIND = "self-speculation-summary"
@@ -113,7 +114,8 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
         "Each ratio is against the vanilla engine of the same run (and the kernel alone of",
         "the same run); cells measured by several runs show the median in bold and every",
         "run's ratio. Identity: outputs identical to vanilla's · near ties · other",
-        "mismatches, summed over runs (greedy runs only).",
+        "mismatches, summed over runs and their repeats (greedy runs only; every other",
+        "mismatch is listed at the end).",
         "",
         f"![speed-up over vanilla per cell and engine]({plot})",
         "",
@@ -153,6 +155,15 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
                 f"{'-' if acceptance is None else f'{acceptance:.2f}'} | "
                 f"{'-' if drafts is None else f'{drafts:.2f}'} | {_identity(group)} |"
             )
+    others = [
+        f"- {cell_label(key)}, {name}, `{g['run']}`: {describe_difference(e, False)}"
+        for key, by_engine in cells.items()
+        for name, group in by_engine.items()
+        for g in group
+        for e in (g["identity"] or {}).get("mismatches", [])
+    ]
+    if others:
+        lines += ["", "## Other mismatches (not near ties)", "", *others]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +224,9 @@ def combine(paths: list[Path], out: Path) -> int:
     wrong = [label for label, r in runs.items() if r.get("kind") != "self-speculation"]
     if wrong:
         raise SystemExit(f"--combine: not bench-spec results: {', '.join(wrong)}")
+    # identity under the current near-tie rule, over every repeat (older files' tables
+    # counted the first repeat only)
+    runs = {label: current_identity(r) for label, r in runs.items()}
     if out.is_file() and json.loads(out.read_text()).get("kind") != KIND:
         raise SystemExit(
             f"--combine: -o {out} holds other results (a run's results file?); "

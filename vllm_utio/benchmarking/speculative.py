@@ -12,9 +12,11 @@ with ``--temperature``):
 Per cell: decode tok/s (medians over ``--repeats``; decode time = last token - first
 token of the batch, engine timestamps, prompts prefilled by a warm-up run first),
 speculation counters from vLLM's own metrics (drafts, draft tokens, accepted tokens), and
-greedy identity against vanilla: a reference run of vanilla with top-2 logprobs gives, for
-every output that differs, the first differing position and vanilla's top-2 logprob gap
-there ("near tie" up to ``NEAR_TIE_NATS``: bf16 noise can flip such a choice). Sampled
+greedy identity against vanilla, over every repeat: a reference run of vanilla with its
+top-2 raw logits gives, for every output that differs, the first differing position,
+vanilla's top-2 gap there and its top logit ("near tie": at most ``NEAR_TIE_NATS`` apart,
+or one bf16 step of the top logit where that is wider; bf16 noise can flip such a
+choice). Sampled
 runs compare no outputs (tests/test_engine_speculate.py tests that speculation keeps the
 target distribution) and refuse vLLM's own speculation engines: vLLM 0.32's CPU rejection
 sampler samples them under uninitialised temperatures (vllm-project/vllm#55005; UTIO's
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,10 @@ from vllm_utio.benchmarking.results import cpu_label, machine_info, median_prese
 
 # One bf16 step of a logit in [16, 32): top-2 gaps are differences of bf16 logits, and
 # vanilla's own timed runs differ from its reference run at gaps of 0 to 0.125 (and once
-# at 0.25) in the 2026-12-04 runs.
+# at 0.25) in the 2026-12-04 runs. A larger top logit has a wider step (0.25 in [32, 64));
+# where the reference kept its top logit, the line is that step when wider.
 NEAR_TIE_NATS = 0.125
+BF16_MANTISSA_BITS = 7
 SPEC_COUNTERS = {
     "drafts": "vllm:spec_decode_num_drafts",
     "draft_tokens": "vllm:spec_decode_num_draft_tokens",
@@ -195,6 +200,7 @@ def run_cell(
     }
     if logprobs:
         sample["top2_gap"] = top2_gaps(outs)
+        sample["top1_logit"] = top1s(outs)
     return sample
 
 
@@ -229,6 +235,21 @@ def _gap(step: dict[int, Any]) -> float:
     return values[0] - values[1] if len(values) > 1 else float("inf")
 
 
+def top1s(outs: list[Any]) -> list[list[float]]:
+    """Per output and step, the top value (vanilla's reference engine returns raw logits)."""
+    return [
+        [max(lp_.logprob for lp_ in step.values()) for step in (o.outputs[0].logprobs or [])]
+        for o in outs
+    ]
+
+
+def bf16_step(value: float) -> float:
+    """The gap between ``value`` and the next bf16 number away from zero."""
+    if value == 0 or not math.isfinite(value):
+        return 0.0
+    return 2.0 ** (math.floor(math.log2(abs(value))) - BF16_MANTISSA_BITS)
+
+
 def identity(tokens: list[list[int]], reference: dict[str, Any]) -> dict[str, Any]:
     """How many outputs equal vanilla's; where not, the first differing step and whether
     vanilla's top-2 choice there was a near tie."""
@@ -240,41 +261,86 @@ def identity(tokens: list[list[int]], reference: dict[str, Any]) -> dict[str, An
         at = next((j for j, (a, b) in enumerate(zip(got, ref, strict=False)) if a != b), None)
         at = min(len(got), len(ref)) if at is None else at
         gaps = reference["top2_gap"][i]
-        gap = gaps[at] if at < len(gaps) else None
-        entry = {"prompt": i, "step": at, "top2_gap": gap}
-        (ties if _is_tie(gap) else other).append(entry)
+        tops = reference.get("top1_logit", [[]] * len(tokens))[i]  # older runs: none
+        entry = {
+            "prompt": i,
+            "step": at,
+            "top2_gap": gaps[at] if at < len(gaps) else None,
+            "top1_logit": tops[at] if at < len(tops) else None,
+        }
+        (ties if _is_tie(entry) else other).append(entry)
     return {"identical": same, "outputs": len(tokens), "near_ties": ties, "mismatches": other}
 
 
-def _is_tie(gap: float | None) -> bool:
-    return gap is not None and gap <= NEAR_TIE_NATS + 1e-6
+def tie_line(top1_logit: float | None) -> float:
+    """The widest top-2 gap called a near tie: one bf16 step of the top logit, at least
+    ``NEAR_TIE_NATS`` (the line where the top logit is not known)."""
+    return max(NEAR_TIE_NATS, bf16_step(top1_logit or 0.0))
+
+
+def _is_tie(entry: dict[str, Any]) -> bool:
+    gap = entry["top2_gap"]
+    return gap is not None and gap <= tie_line(entry.get("top1_logit")) + 1e-6
 
 
 def reclassify(ident: dict[str, Any]) -> dict[str, Any]:
     """An identity record split again into near ties and mismatches by the current rule."""
     differing = [*ident["near_ties"], *ident["mismatches"]]
-    differing.sort(key=lambda e: e["prompt"])
+    differing.sort(key=lambda e: (e.get("repeat", 0), e["prompt"]))
     return {
         **ident,
-        "near_ties": [e for e in differing if _is_tie(e["top2_gap"])],
-        "mismatches": [e for e in differing if not _is_tie(e["top2_gap"])],
+        "near_ties": [e for e in differing if _is_tie(e)],
+        "mismatches": [e for e in differing if not _is_tie(e)],
     }
+
+
+def pooled_identity(group: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One engine's identity in one cell over all its repeats: outputs summed, each
+    differing output tagged with its repeat (None for a sampled run)."""
+    idents = [(s["repeat"], s["identity"]) for s in group if s.get("identity")]
+    if not idents:
+        return None
+
+    def tagged(key: str) -> list[dict[str, Any]]:
+        return [{**e, "repeat": r} for r, i in idents for e in i[key]]
+
+    return {
+        "identical": sum(i["identical"] for _, i in idents),
+        "outputs": sum(i["outputs"] for _, i in idents),
+        "near_ties": tagged("near_ties"),
+        "mismatches": tagged("mismatches"),
+    }
+
+
+def current_identity(results: dict[str, Any]) -> dict[str, Any]:
+    """A results file's identity under the current rule, the table's counted over every
+    repeat from the samples (files before the fourteenth session's fix counted each
+    engine's first repeat only)."""
+    for s in results["samples"]:
+        if s.get("identity"):
+            s["identity"] = reclassify(s["identity"])
+    keys = [(c["workload"], c["context"], c["batch"]) for c in results["cells"]]
+    for row in results["summary"]:
+        c = keys.index((row["workload"], row["context"], row["batch"]))
+        group = [s for s in results["samples"] if s["cell"] == c and s["engine"] == row["engine"]]
+        row["identity"] = pooled_identity(group)
+    return results
 
 
 def tie_note() -> str:
     return (
-        f"near tie: vanilla's top-2 logprobs at most {NEAR_TIE_NATS} nats apart at the first "
+        f"near tie: vanilla's top-2 logits at most {NEAR_TIE_NATS} nats apart at the first "
         "differing step (one bf16 step of a logit of 16-32; vanilla differs from its own "
-        "reference run at such gaps)"
+        "reference run at such gaps), or one bf16 step of its top logit where that is "
+        "wider (0.25 for logits of 32-64; runs before 2026-12-07 kept no top logit); "
+        "identity counted over every repeat"
     )
 
 
 def render(path: Path) -> int:
-    """Rewrite an earlier run's JSON and markdown under the current near-tie rule."""
-    results = json.loads(path.read_text())
-    for row in [*results["summary"], *results["samples"]]:
-        if row.get("identity"):
-            row["identity"] = reclassify(row["identity"])
+    """Rewrite an earlier run's JSON and markdown under the current near-tie rule, its
+    table's identity counted over every repeat."""
+    results = current_identity(json.loads(path.read_text()))
     results["notes"] = [tie_note() if n.startswith("near tie:") else n for n in results["notes"]]
     path.write_text(json.dumps(results, indent=1))
     path.with_suffix(".md").write_text(markdown(results))
@@ -347,7 +413,7 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
                     "draft_tokens_per_output": draft_tokens
                     / max(1, sum(len(t) for s in group for t in s["tokens"])),
                     "draft_share": draft_share,
-                    "identity": group[0]["identity"],
+                    "identity": pooled_identity(group),
                 }
             )
     return rows
@@ -372,7 +438,7 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla | acceptance "
         "| tokens / verification | drafts / output token | drafting, share of wall time "
-        "| identical to vanilla | near ties | other mismatches |",
+        "| identical to vanilla (all repeats) | near ties | other mismatches |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -388,7 +454,32 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_identity_cells(r['identity'])} |"
         )
     lines += ["", *[f"- {n}" for n in results["notes"]], ""]
+    differing = [line for r in results["summary"] if (line := _differing(r))]
+    if differing:
+        lines += ["Outputs that differ from vanilla's reference run:", "", *differing, ""]
     return "\n".join(lines)
+
+
+def _differing(row: dict[str, Any]) -> str | None:
+    """One row's differing outputs: where each first differs, vanilla's gap and top logit
+    there (None where every output is identical)."""
+    ident = row["identity"]
+    if not ident or not (ident["near_ties"] or ident["mismatches"]):
+        return None
+    cases = [(e, False) for e in ident["near_ties"]] + [(e, True) for e in ident["mismatches"]]
+    cases.sort(key=lambda c: (c[0].get("repeat", 0), c[0]["prompt"]))
+    where = f"{row['workload']} {row['context'] or 'chat'}, b{row['batch']}, {row['engine']}"
+    return f"- {where}: " + "; ".join(describe_difference(e, other) for e, other in cases)
+
+
+def describe_difference(entry: dict[str, Any], other: bool) -> str:
+    """``prompt 9 (repeat 1) step 45: gap 0.19, top logit 13.6 (bf16 step 0.0625)``."""
+    gap, top = entry["top2_gap"], entry.get("top1_logit")
+    text = f"prompt {entry['prompt']} (repeat {entry.get('repeat', 0)}) step {entry['step']}: "
+    text += "past the reference" if gap is None else f"gap {gap:.4g}"
+    if top is not None:
+        text += f", top logit {top:.4g} (bf16 step {bf16_step(top):g})"
+    return text + (" **not a near tie**" if other else "")
 
 
 def _identity_cells(ident: dict[str, Any] | None) -> str:
@@ -472,7 +563,7 @@ class _Bench:
         self.on_sample: Any = None  # called after each measured sample (saves the results)
 
     def warm(self, llm: Any, name: str, c: int) -> None:
-        """Vanilla, greedy: the untimed reference run (top-2 logprobs); otherwise a short
+        """Vanilla, greedy: the untimed reference run (top-2 raw logits); otherwise a short
         run that prefills the cell's prompts into the prefix cache."""
         prompts = self.cells[c]["prompts"]
         if name == "vanilla" and not self.temperature:
@@ -638,6 +729,11 @@ def run(args: argparse.Namespace) -> int:
         )
         if table[name]["spec"] is not None:
             kw["speculative_config"] = table[name]["spec"]
+        if name == "vanilla":
+            # the reference run's top-2 as raw logits: the same gap as log-probs, and the
+            # top logit's size, whose bf16 step is the near-tie line (no effect on timed
+            # runs, which ask for no logprobs)
+            kw["logprobs_mode"] = "raw_logits"
         return LLM(model, **kw)
 
     bench = _Bench(table, cells, args.output_len, args.temperature)
@@ -708,7 +804,7 @@ def _results(
                 "(tests/test_engine_speculate.py tests that speculation keeps the target "
                 "distribution)"
                 if temperature
-                else ": its untimed reference run (top-2 logprobs) defines identity"
+                else ": its untimed reference run (top-2 raw logits) defines identity"
             ),
             *([] if temperature else [tie_note()]),
             *(
