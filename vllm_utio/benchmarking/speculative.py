@@ -105,6 +105,16 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "utio": utio({"attention": lp.POLICIES["throttle"], "vocab": 16384}, kernel="utio"),
             "spec": None,
         },
+        # the cost model told a verification is free (verify_token_cost 0), so it offers
+        # drafts wherever a draft reads less than a plain step, also where drafting loses
+        # (2k, batch 32): the measured payoff alone declines them, and this engine against
+        # the kernel alone shows what declining costs
+        "spec-throttle-payoff-decides-utio-kernel": {
+            "utio": utio(
+                {"attention": lp.POLICIES["throttle"]}, kernel="utio", verify_token_cost=0.0
+            ),
+            "spec": None,
+        },
         "spec-throttle-fixed-utio-kernel": {
             "utio": utio({"attention": lp.POLICIES["throttle"]}, adaptive=False, kernel="utio"),
             "spec": None,
