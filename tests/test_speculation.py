@@ -333,34 +333,41 @@ def _counts(drafting: bool) -> dict[str, int]:
 
 
 def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
-    """Two runs of the same cell on machines of different speed: each engine's ratio is
-    taken within its run, the table shows both and their median, the plot is written."""
+    """Runs of the same cell at different speeds: each engine's ratio is taken within its
+    run, the table shows every run's and their median, a run on another machine makes its
+    own cell, the plot is written."""
     import json
 
     from vllm_utio.benchmarking.results import cpu_label, machine_info
-    from vllm_utio.benchmarking.spec_summary import combine
+    from vllm_utio.benchmarking.spec_summary import combine, machine_tag
 
     one = _spec_run(tmp_path / "day1" / "a" / "spec.json", {"vanilla": 10.0, "utio-kernel": 20.0})
     fast = {"vanilla": 40.0, "utio-kernel": 60.0, "spec-throttle-utio-kernel": 66.0}
     two = _spec_run(tmp_path / "day2" / "a" / "spec.json", fast, identical=1)
-    moved = json.loads(two.read_text())  # the second run on another machine
-    moved["machine"] |= {"cpu": "Other CPU", "isa": "AVX2", "cpu_id": "family 6 model 85"}
-    two.write_text(json.dumps(moved))
+    other = _spec_run(tmp_path / "day3" / "a" / "spec.json", {"vanilla": 5.0, "utio-kernel": 6.0})
+    moved = json.loads(other.read_text())  # the third run on another machine
+    moved["machine"] |= {"cpu": "Other CPU", "isa": "AVX2"}
+    moved["machine"]["cpu_id"] = "vendor_id GenuineIntel cpu family 6 model 85"
+    other.write_text(json.dumps(moved))
+    assert machine_tag(moved["machine"]) == "Intel family 6 model 85"
     out = tmp_path / "sum" / "summary.json"
-    assert combine([one, two], out) == 0
+    assert combine([one, two, other], out) == 0
     rows = json.loads(out.read_text())["rows"]
     kernel = [r for r in rows if r["engine"] == "utio-kernel"]
-    assert [r["speedup"] for r in kernel] == [2.0, 1.5] and kernel[0]["run"] == "day1/a"
+    assert [r["speedup"] for r in kernel] == [2.0, 1.5, 1.2] and kernel[0]["run"] == "day1/a"
     (spec,) = [r for r in rows if r["engine"] == "spec-throttle-utio-kernel"]
     assert spec["vs_kernel"] == pytest.approx(1.1) and spec["acceptance"] == 0.75
     text = out.with_suffix(".md").read_text()
-    assert "| wikipedia 4096 tok, b2 | 25.0 | 1.75x | 1.65x |" in text  # medians
-    assert "| utio-kernel | 2 | **1.75** (2.00 / 1.50) | - | - | 0.00 |" in text
-    assert "| spec-throttle-utio-kernel | 1 | 1.65 | 1.10 | 0.75 |" in text
+    here = f"wikipedia 4096 tok, b2 [{machine_tag(machine_info())}]"
+    assert f"| {here} | 25.0 | 1.75x | 1.65x |" in text  # medians of this machine's runs
+    assert f"| {here} | utio-kernel | 2 | **1.75** (2.00 / 1.50) | - | - | 0.00 |" in text
+    assert f"| {here} | spec-throttle-utio-kernel | 1 | 1.65 | 1.10 | 0.75 |" in text
     assert "| 3/4 · 1 · 0 |" in text  # identity summed over both runs
+    there = "wikipedia 4096 tok, b2 [Intel family 6 model 85]"
+    assert f"| {there} | 5.0 | 1.20x | - |" in text  # never in this machine's median
     runs = [line for line in text.splitlines() if line.startswith("- `day")]
     assert cpu_label(machine_info()) in runs[0]  # each run names its machine
-    assert "Other CPU (AVX2) [family 6 model 85]" in runs[1]
+    assert "Other CPU (AVX2) [vendor_id GenuineIntel cpu family 6 model 85]" in runs[2]
     assert out.with_suffix(".png").stat().st_size > 0
     with pytest.raises(SystemExit, match="no such results file"):
         combine([tmp_path / "missing.json"], out)

@@ -5,8 +5,10 @@
 Each engine's speed is read against the vanilla engine of its own run (and against UTIO's
 kernel alone where that run had it), never across runs: runs on different days or with
 different engines alive differ by more than the effects measured. A cell is a workload,
-context, batch size and sampling temperature; where several runs measured the same engine
-in the same cell, the table lists every run's ratio and their median.
+context, batch size, sampling temperature and machine (CPU vendor, family, model: ratios
+moved by up to 0.6x between two generations of one model name); where several runs
+measured the same engine in the same cell, the table lists every run's ratio and their
+median.
 """
 
 from __future__ import annotations
@@ -23,15 +25,33 @@ KERNEL_ALONE = "utio-kernel"
 KIND = "self-speculation-summary"
 
 
-def cell_key(row: dict[str, Any], temperature: float) -> tuple[str, int, int, float]:
-    return (row["workload"], row["context"] or 0, row["batch"], temperature)
+Cell = tuple[str, int, int, float, str]
+VENDORS = {"AuthenticAMD": "AMD", "GenuineIntel": "Intel"}
 
 
-def cell_label(key: tuple[str, int, int, float]) -> str:
-    workload, context, batch, temperature = key
+def machine_tag(machine: dict[str, Any]) -> str:
+    """A run's CPU in a cell's name: ``AMD family 26 model 2`` (its ``cpu_id``)."""
+    words = str(machine.get("cpu_id") or machine.get("cpu") or "unknown CPU").split()
+    words = [VENDORS.get(w, w) for w in words if w not in ("vendor_id", "cpu")]
+    return " ".join(words)
+
+
+def cell_key(row: dict[str, Any], temperature: float, machine: str) -> Cell:
+    return (row["workload"], row["context"] or 0, row["batch"], temperature, machine)
+
+
+def cell_label(key: Cell, with_machine: bool = True) -> str:
+    workload, context, batch, temperature, machine = key
     where = f"{context} tok" if context else "chat"
     sampled = f", T={temperature:g}" if temperature else ""
-    return f"{workload} {where}, b{batch}{sampled}"
+    on = f" [{machine}]" if with_machine else ""
+    return f"{workload} {where}, b{batch}{sampled}{on}"
+
+
+def _labels(cells: Any) -> dict[Cell, str]:
+    """Each cell's name, with its machine only where the runs come from several."""
+    several = len({key[4] for key in cells}) > 1
+    return {key: cell_label(key, several) for key in cells}
 
 
 def collect(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,10 +60,11 @@ def collect(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for label, results in runs.items():
         temperature = results["settings"].get("temperature", 0.0)
+        machine = machine_tag(results.get("machine", {}))
         summary = results["summary"]
-        by_cell: dict[tuple, dict[str, dict[str, Any]]] = {}
+        by_cell: dict[Cell, dict[str, dict[str, Any]]] = {}
         for r in summary:
-            by_cell.setdefault(cell_key(r, temperature), {})[r["engine"]] = r
+            by_cell.setdefault(cell_key(r, temperature, machine), {})[r["engine"]] = r
         for key, engines in by_cell.items():
             kernel = engines.get(KERNEL_ALONE)
             for name, r in engines.items():
@@ -96,17 +117,18 @@ def _engines(rows: list[dict[str, Any]]) -> list[str]:
     return [e for e in dict.fromkeys(r["engine"] for r in rows) if e != "vanilla"]
 
 
-def grouped(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, list[dict[str, Any]]]]:
+def grouped(rows: list[dict[str, Any]]) -> dict[Cell, dict[str, list[dict[str, Any]]]]:
     """cell -> engine -> its rows (one per run); cells by workload, sampling, context,
-    batch."""
-    out: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
-    for r in sorted(rows, key=lambda r: (r["cell"][0], r["cell"][3], r["cell"][1], r["cell"][2])):
+    batch, machine."""
+    out: dict[Cell, dict[str, list[dict[str, Any]]]] = {}
+    for r in sorted(rows, key=lambda r: tuple(r["cell"][i] for i in (0, 3, 1, 2, 4))):
         out.setdefault(r["cell"], {}).setdefault(r["engine"], []).append(r)
     return out
 
 
 def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: str) -> str:
     cells = grouped(rows)
+    label = _labels(cells)
     engines = _engines(rows)
     lines = [
         "# Self-speculation: every run in one table",
@@ -115,7 +137,8 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
         "the same run); cells measured by several runs show the median in bold and every",
         "run's ratio. Identity: outputs identical to vanilla's · near ties · other",
         "mismatches, summed over runs and their repeats (greedy runs only; every other",
-        "mismatch is listed at the end).",
+        "mismatch is listed at the end). Where the runs come from several machines, each",
+        "machine's runs make their own cells (named by CPU vendor, family and model).",
         "",
         f"![speed-up over vanilla per cell and engine]({plot})",
         "",
@@ -132,7 +155,7 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
         base = median_present([g["vanilla_tok_s"] for g in by_engine.get("vanilla", [])])
         medians = [median_present([g["speedup"] for g in by_engine.get(e, [])]) for e in engines]
         lines.append(
-            f"| {cell_label(key)} | {'-' if base is None else f'{base:.1f}'} | "
+            f"| {label[key]} | {'-' if base is None else f'{base:.1f}'} | "
             + " | ".join("-" if m is None else f"{m:.2f}x" for m in medians)
             + " |"
         )
@@ -149,14 +172,14 @@ def markdown(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]], plot: 
             acceptance = median_present([g["acceptance"] for g in group])
             drafts = median_present([g["drafts_per_output"] for g in group])
             lines.append(
-                f"| {cell_label(key)} | {name} | {len(group)} | "
+                f"| {label[key]} | {name} | {len(group)} | "
                 f"{_ratios([g['speedup'] for g in group])} | "
                 f"{_ratios([g['vs_kernel'] for g in group])} | "
                 f"{'-' if acceptance is None else f'{acceptance:.2f}'} | "
                 f"{'-' if drafts is None else f'{drafts:.2f}'} | {_identity(group)} |"
             )
     others = [
-        f"- {cell_label(key)}, {name}, `{g['run']}`: {describe_difference(e, False)}"
+        f"- {label[key]}, {name}, `{g['run']}`: {describe_difference(e, False)}"
         for key, by_engine in cells.items()
         for name, group in by_engine.items()
         for g in group
@@ -199,7 +222,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
             ax.bar(x, statistics.median(values), width, color=f"C{e}", label=name)
             ax.scatter([x] * len(values), values, s=9, color="black", zorder=3)
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(cells)), [cell_label(k) for k in cells], rotation=30, ha="right")
+    ax.set_xticks(range(len(cells)), list(_labels(cells).values()), rotation=30, ha="right")
     ax.set_ylabel("decode tok/s vs vanilla (same run)")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
