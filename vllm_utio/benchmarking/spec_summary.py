@@ -5,10 +5,10 @@
 Each engine's speed is read against the vanilla engine of its own run (and against UTIO's
 kernel alone where that run had it), never across runs: runs on different days or with
 different engines alive differ by more than the effects measured. A cell is a workload,
-context, batch size, sampling temperature and machine (CPU vendor, family, model: ratios
-moved by up to 0.6x between two generations of one model name); where several runs
-measured the same engine in the same cell, the table lists every run's ratio and their
-median.
+context, batch size, sampling temperature and machine (CPU vendor, family, model: one
+cell's speed-up read 2.1x on one generation behind a CPU model name and 3.0x on the
+next); where several runs measured the same engine in the same cell, the table lists
+every run's ratio and their median.
 """
 
 from __future__ import annotations
