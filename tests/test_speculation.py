@@ -540,6 +540,32 @@ def test_drafting_must_win_by_its_margin():
     assert PathPayoff("measured", "plain", "draft", margin=1.05).as_dict()["margin"] == 1.05
 
 
+def test_a_new_size_starts_on_its_nearest_measured_sizes_path():
+    """Drafting loses at 32 rows; a batch's ragged last steps (3 rows here, 4x slower per
+    token drafting) then run plain for 8 steps and measure drafting once, where without
+    seeding a new size drafts first. Where drafting wins at the nearest size, a new size
+    drafts from its first step."""
+    from vllm_utio.path_payoff import PathPayoff
+
+    def tail(seed: bool, draft_at_32: float) -> list[bool]:
+        payoff = PathPayoff("measured", "plain", "draft", 1.05, 32, seed_nearest=seed)
+        for _ in range(10):
+            draft = payoff.choose(32)
+            payoff.observe(32, draft, draft_at_32 if draft else 1.0, 1)
+        chosen = []
+        for _ in range(10):
+            draft = payoff.choose(3)
+            payoff.observe(3, draft, 4.0 if draft else 1.0, 1)
+            chosen.append(draft)
+        return chosen
+
+    assert tail(False, 1.03)[:2] == [True, False]  # unseeded: drafting measured first
+    assert tail(True, 1.03) == [False] * 8 + [True, False]
+    assert tail(True, 0.8)[:8] == [True] * 8  # drafting won at 32: drafts, then measures
+    solo = PathPayoff("measured", "plain", "draft", 1.05, 32, seed_nearest=True)
+    assert solo.choose(1) is True  # nothing measured yet: as without seeding
+
+
 def test_one_slow_step_does_not_decide_a_measurement():
     """With measure_steps 3 a path's (re-)measurement is the median of 3 steps: one slow
     plain step (a page fault, a neighbour waking) no longer makes a losing draft look

@@ -342,7 +342,9 @@ class SpeculateConfig(_Strict):
         "have yielded tokens faster by min_gain (wall time per token, drafting included; "
         "steps that also prefilled are not timed) than steps that did not, per batch "
         "size, re-measuring the other way every 8-128 steps (each measurement the median of "
-        "up to 3 steps or 0.1 s of them): the cost model's costs are "
+        "up to 3 steps or 0.1 s of them; a batch size seen for the first time starts on the "
+        "verdict of the nearest size measured, as drafting itself makes new sizes: rows "
+        "that accept different counts finish apart): the cost model's costs are "
         "estimates, and on a machine where a draft step costs more than they say drafting "
         "loses. 'always': the cost model alone decides.",
     )

@@ -13,7 +13,12 @@ holds, back to 8 when it flips. A measurement (a path's first, or a re-check) ma
 up to ``measure_steps`` steps, ending early once they took ``measure_s`` seconds, and
 keeps their median time per unit: where single steps are short and noisy (batch 1), one
 slow step would otherwise decide the next 8-128; long steps (large batches) are steady,
-and measuring the losing path longer would only cost more.
+and measuring the losing path longer would only cost more. With ``seed_nearest`` a size
+class seen for the first time runs the path its nearest measured class runs, and
+measures the other path only after 8 steps of its own: where the alternative itself
+makes new sizes (drafting: rows that accept different counts finish apart, leaving a
+batch's last steps with 30, 17, 3 rows), measuring it first in each would run it most
+where it loses most.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class PathTimes:
     recheck_every: int = FIRST_RECHECK
     checking: bool = False  # the losing path runs to be re-measured
     check_alt: bool = False  # which path that is
+    # a new class's path until its first re-check (its nearest measured class's winner;
+    # alt: True), None once both paths were measured here
+    first: bool | None = None
     # per path (alt: True), the running measurement's steps: (seconds, time per unit)
     windows: dict[bool, list[tuple[float, float]]] = field(
         default_factory=lambda: {False: [], True: []}
@@ -73,8 +81,10 @@ class PathPayoff:
         exact_upto: int = 0,
         measure_steps: int = 1,
         measure_s: float | None = None,
+        seed_nearest: bool = False,
     ) -> None:
         self.mode = mode
+        self.seed_nearest = seed_nearest
         self.measure_steps = measure_steps
         self.measure_s = measure_s
         self.margin = margin
@@ -88,7 +98,13 @@ class PathPayoff:
         """Run this step on the alternative path?"""
         if self.mode == "always":
             return True
-        times = self.classes.setdefault(size_class(size, self.exact_upto), PathTimes())
+        times = self._times(size)
+        if times.first is not None:
+            if times.since_check < times.recheck_every:
+                times.since_check += 1
+                self.declined_steps += int(not times.first)
+                return times.first
+            times.first, times.since_check = None, 0  # now measure the other path
         if times.alt_s is None:
             return True  # measure the alternative first, then the base
         if times.base_s is None:
@@ -111,7 +127,7 @@ class PathPayoff:
         """A decided step's time and what it produced, on the path ``choose`` chose."""
         if self.mode == "always" or size <= 0 or units <= 0:
             return
-        times = self.classes.setdefault(size_class(size, self.exact_upto), PathTimes())
+        times = self._times(size)
         per_unit = seconds / units
         attr = "alt_s" if alt else "base_s"
         old = getattr(times, attr)
@@ -136,6 +152,25 @@ class PathPayoff:
             times.recheck_every = (
                 min(2 * times.recheck_every, LAST_RECHECK) if held else FIRST_RECHECK
             )
+
+    def _times(self, size: int) -> PathTimes:
+        """The class of ``size``; a new one seeded with its nearest class's verdict."""
+        cls = size_class(size, self.exact_upto)
+        times = self.classes.get(cls)
+        if times is None:
+            times = self.classes[cls] = PathTimes(first=self._nearest_verdict(cls))
+        return times
+
+    def _nearest_verdict(self, cls: int) -> bool | None:
+        """Whether the alternative wins in the nearest class with both paths measured
+        (None: seeding off, or no such class)."""
+        if not self.seed_nearest:
+            return None
+        decided = [k for k, t in self.classes.items() if t.alt_wins(self.margin) is not None]
+        if not decided:
+            return None
+        nearest = min(decided, key=lambda k: (abs(k - cls), k))
+        return bool(self.classes[nearest].alt_wins(self.margin))
 
     def as_dict(self) -> dict[str, object]:
         """Counters and per size class (named by its largest size) µs per unit on each
