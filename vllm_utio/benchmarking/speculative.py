@@ -342,7 +342,8 @@ def tie_note() -> str:
         f"near tie: vanilla's top-2 logits at most {NEAR_TIE_NATS} nats apart at the first "
         "differing step (one bf16 step of a logit of 16-32; vanilla differs from its own "
         "reference run at such gaps), or one bf16 step of its top logit where that is "
-        "wider (0.25 for logits of 32-64; runs before 2026-12-07 kept no top logit); "
+        "wider (0.25 for logits of 32-64; runs before the fourteenth session, 2026-12-07, "
+        "kept no top logit); "
         "identity counted over every repeat"
     )
 
