@@ -42,8 +42,8 @@ class PathTimes:
     recheck_every: int = FIRST_RECHECK
     checking: bool = False  # the losing path runs to be re-measured
     check_alt: bool = False  # which path that is
-    # a new class's path until its first re-check (its nearest measured class's winner;
-    # alt: True), None once both paths were measured here
+    # a new class's path for its first ``recheck_every`` steps (its nearest measured
+    # class's winner; alt: True); None after them, or where the class was not seeded
     first: bool | None = None
     # per path (alt: True), the running measurement's steps: (seconds, time per unit)
     windows: dict[bool, list[tuple[float, float]]] = field(
