@@ -208,6 +208,8 @@ def test_bench_spec_engines_are_valid_configs(block_size):
     vocab16k = parse_utio_config(table["spec-throttle-vocab16k-utio-kernel"]["utio"])
     assert vocab16k.speculate.draft.vocab == 16384
     assert drafts["spec-skip-utio-kernel"] == ("dense", "utio")
+    fixed_skip = parse_utio_config(table["spec-skip-fixed-utio-kernel"]["utio"]).speculate
+    assert fixed_skip.draft.bucket == "draft" and not fixed_skip.adaptive
     # select finds facts only with fine blocks: no select drafts at 128-token blocks
     assert ("spec-sparq768-utio-kernel" in drafts) == (block_size <= 64)
 

@@ -143,6 +143,19 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             },
             "spec": None,
         },
+        # the same draft offered at every step (no adaptive rule): what a depth-skip draft
+        # gives where the adaptive rule declines it (its acceptance, and what drafting costs)
+        "spec-skip-fixed-utio-kernel": {
+            "utio": {
+                **utio(
+                    {"attention": {"policy": "dense"}, "bucket": "draft"},
+                    kernel="utio",
+                    adaptive=False,
+                ),
+                "buckets": [SKIP_BUCKET],
+            },
+            "spec": None,
+        },
     }
     # a second engine of the same config: the spread between two engine instances next to
     # the differences between configs (at batch 1 two such engines read 0-2% apart in
