@@ -68,6 +68,21 @@ def test_engines_prefill_in_chunks():
     assert long["max_num_batched_tokens"] == 9000
 
 
+def test_every_bench_config_names_a_valid_engine():
+    """Each configuration's engine exists and UTIO accepts its config; the kernel variants
+    differ from their twins by the decode kernel alone."""
+    from vllm_utio.config import parse_utio_config
+
+    specs = suite.engines(quick=False, artifact="default")
+    for cfg in suite.configs(quick=False) + suite.artifact_configs():
+        spec = specs[cfg.engine]
+        if spec.utio is not None:
+            parse_utio_config(spec.utio)  # raises on a config UTIO rejects
+    pairs = [("utio-forced", "utio-forced-kernel"), ("utio-calibrated", "utio-calibrated-kernel")]
+    for plain, kernel in pairs:
+        assert specs[kernel].utio == {**specs[plain].utio, "decode_kernel": "utio"}
+
+
 @pytest.mark.engine
 def test_quick_benchmark_runs_end_to_end(tmp_path):
     parser = argparse.ArgumentParser()

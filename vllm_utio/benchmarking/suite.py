@@ -31,6 +31,9 @@ SURROGATE_BUCKETS = [
 ]
 
 
+UTIO_KERNEL = {"decode_kernel": "utio"}
+
+
 def engines(quick: bool, artifact: str | None = None) -> dict[str, EngineSpec]:
     specs = {
         "vanilla": EngineSpec(None),
@@ -44,10 +47,14 @@ def engines(quick: bool, artifact: str | None = None) -> dict[str, EngineSpec]:
         specs["utio-forced-eager-loop"] = EngineSpec(
             {**specs["utio-forced"].utio, "layer_loop": "eager"}
         )
+    # the same with UTIO's decode kernel for every decode step (greedy output vanilla's
+    # except at near ties)
+    specs["utio-forced-kernel"] = EngineSpec({**specs["utio-forced"].utio, **UTIO_KERNEL})
     if artifact is not None:
         calibrated = {"enabled": True, "artifact": artifact}
         specs["utio-calibrated"] = EngineSpec(calibrated)
         specs["utio-calibrated-surrogate"] = EngineSpec({**calibrated, "router": "surrogate"})
+        specs["utio-calibrated-kernel"] = EngineSpec({**calibrated, **UTIO_KERNEL})
     return specs
 
 
@@ -65,6 +72,12 @@ def artifact_configs() -> list[BenchConfig]:
             None,
             "calibration artifact: its plans and corrections, surrogate score thresholds",
         ),
+        BenchConfig(
+            "calibrated-probe-kernel",
+            "utio-calibrated-kernel",
+            None,
+            "as calibrated-probe, every decode step's attention in UTIO's decode kernel",
+        ),
     ]
 
 
@@ -80,6 +93,12 @@ def configs(quick: bool) -> list[BenchConfig]:
         return out
     return [
         *out,
+        BenchConfig(
+            "utio-full-kernel",
+            "utio-forced-kernel",
+            None,
+            "as utio-full, every decode step's attention in UTIO's decode kernel",
+        ),
         BenchConfig(
             "utio-skip10", "utio-forced", "skip10", "every decode token skips layers 11-20"
         ),
