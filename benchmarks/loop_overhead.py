@@ -28,8 +28,7 @@ import numpy as np
 from vllm import LLM
 
 import vllm_utio.integration.runner as runner_module
-from vllm_utio.assets.data import load_wiki_documents
-from vllm_utio.benchmarking.offline import make_prompts, measure_once
+from vllm_utio.benchmarking.offline import make_prompts, measure_once, wiki_seed_text
 from vllm_utio.paths import default_model_dir
 from vllm_utio.routing.payoff import RoutingPayoff
 
@@ -69,7 +68,7 @@ def main() -> None:
     def decode_tok_s(prompts: list[dict], tokens: int) -> float:
         return measure_once(llm, prompts, tokens, pin=None, utio=False)["decode_tok_s"]
 
-    text = " ".join(d["text"] for d in load_wiki_documents()[:8])
+    text = wiki_seed_text()
     for batch in batches:
         prompts = make_prompts(llm.get_tokenizer(), batch, prompt_len, text)
         for mode in MODES:  # warm-up of each path at this shape

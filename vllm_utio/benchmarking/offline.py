@@ -55,6 +55,14 @@ class EngineSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
+def wiki_seed_text(documents: int = 8) -> str:
+    """The text the offline benchmarks cut their prompts from: the first Wikipedia
+    documents of the bundled excerpt, joined."""
+    from vllm_utio.assets.data import load_wiki_documents
+
+    return " ".join(d["text"] for d in load_wiki_documents()[:documents])
+
+
 def make_prompts(tokenizer: Any, batch: int, prompt_len: int, seed_text: str) -> list[dict]:
     """``batch`` distinct prompts of exactly ``prompt_len`` tokens, cut from real text."""
     ids = tokenizer.encode(seed_text)

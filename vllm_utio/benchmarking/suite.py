@@ -15,7 +15,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm_utio.benchmarking.offline import BenchConfig, EngineSpec, run_offline, summarize
+from vllm_utio.benchmarking.offline import (
+    BenchConfig,
+    EngineSpec,
+    run_offline,
+    summarize,
+    wiki_seed_text,
+)
 from vllm_utio.benchmarking.results import new_results, save
 
 # nested static plans, shallowest first (keep_first, keep_last of 30 layers)
@@ -209,7 +215,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vllm_utio.assets.data import load_wiki_documents
     from vllm_utio.paths import default_model_dir
 
     if args.quick:
@@ -240,7 +245,6 @@ def run(args: argparse.Namespace) -> int:
     specs = {k: v for k, v in specs.items() if any(c.engine == k for c in cfgs)}
     num_layers = json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"]
     results = new_results(settings, [config_record(c, specs[c.engine], num_layers) for c in cfgs])
-    seed_text = " ".join(d["text"] for d in load_wiki_documents()[:8])
     samples = run_offline(
         specs,
         cfgs,
@@ -249,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt_lens,
         args.output_len,
         args.repeats,
-        seed_text,
+        wiki_seed_text(),
     )
     results["samples"] = samples
     results["summary"] = summarize(samples)
