@@ -65,6 +65,11 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
         top = {"decode_kernel": kernel} if kernel != "vllm" else {}
         return {"enabled": True, "router": "forced", **top, "speculate": spec}
 
+    def skip_draft(kernel: str = "vllm", **extra: Any) -> dict[str, Any]:
+        """The depth-skip draft: SKIP_BUCKET's layers, dense attention."""
+        draft = {"attention": {"policy": "dense"}, "bucket": "draft"}
+        return {**utio(draft, kernel, **extra), "buckets": [SKIP_BUCKET]}
+
     out: dict[str, dict[str, Any]] = {
         "vanilla": {"utio": None, "spec": None},
         "ngram": {
@@ -129,31 +134,12 @@ def engines(tokens: int, block_size: int) -> dict[str, dict[str, Any]]:
             "utio": utio({"attention": lp.POLICIES["vslash"]}, kernel="utio"),
             "spec": None,
         },
-        "spec-skip": {
-            "utio": {
-                **utio({"attention": {"policy": "dense"}, "bucket": "draft"}),
-                "buckets": [SKIP_BUCKET],
-            },
-            "spec": None,
-        },
-        "spec-skip-utio-kernel": {
-            "utio": {
-                **utio({"attention": {"policy": "dense"}, "bucket": "draft"}, kernel="utio"),
-                "buckets": [SKIP_BUCKET],
-            },
-            "spec": None,
-        },
+        "spec-skip": {"utio": skip_draft(), "spec": None},
+        "spec-skip-utio-kernel": {"utio": skip_draft(kernel="utio"), "spec": None},
         # the same draft offered at every step (no adaptive rule): what a depth-skip draft
         # gives where the adaptive rule declines it (its acceptance, and what drafting costs)
         "spec-skip-fixed-utio-kernel": {
-            "utio": {
-                **utio(
-                    {"attention": {"policy": "dense"}, "bucket": "draft"},
-                    kernel="utio",
-                    adaptive=False,
-                ),
-                "buckets": [SKIP_BUCKET],
-            },
+            "utio": skip_draft(kernel="utio", adaptive=False),
             "spec": None,
         },
     }

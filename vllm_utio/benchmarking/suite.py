@@ -53,9 +53,9 @@ def engines(quick: bool, artifact: str | None = None) -> dict[str, EngineSpec]:
         specs["utio-forced-eager-loop"] = EngineSpec(
             {**specs["utio-forced"].utio, "layer_loop": "eager"}
         )
-    # the same with UTIO's decode kernel for every decode step (greedy output vanilla's
-    # except at near ties)
-    specs["utio-forced-kernel"] = EngineSpec({**specs["utio-forced"].utio, **UTIO_KERNEL})
+        # the same with UTIO's decode kernel for every decode step (greedy output
+        # vanilla's except at near ties)
+        specs["utio-forced-kernel"] = EngineSpec({**specs["utio-forced"].utio, **UTIO_KERNEL})
     if artifact is not None:
         calibrated = {"enabled": True, "artifact": artifact}
         specs["utio-calibrated"] = EngineSpec(calibrated)
