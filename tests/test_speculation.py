@@ -239,6 +239,32 @@ def _bench_spec_args(*argv: str):
     return parser.parse_args(list(argv))
 
 
+def test_bench_spec_short_cells_get_whole_prompts_at_any_batch_size():
+    """--short adds batch-8 cells whatever --batch-sizes says: the text is cut for them
+    too, so no prompt comes out empty or short (vLLM refused such a run part way)."""
+    from vllm_utio.benchmarking.speculative import workloads
+
+    class Chars:  # one token per character: no model files needed
+        def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+            return [ord(c) for c in text]
+
+    args = _bench_spec_args("--context-lens", "512", "--batch-sizes", "1", "--short")
+    cells = workloads(args, Chars())
+    wiki = [c for c in cells if c["workload"] == "wikipedia"]
+    assert len(wiki) == 4  # the 512-token, batch-1 cell once, not once per flag
+    assert sorted({(c["context"], c["batch"]) for c in wiki}) == [
+        (64, 1),
+        (64, 8),
+        (512, 1),
+        (512, 8),
+    ]
+    for cell in wiki:
+        assert len(cell["prompts"]) == cell["batch"]
+        assert all(len(p["prompt_token_ids"]) == cell["context"] for p in cell["prompts"])
+        starts = [tuple(p["prompt_token_ids"][:32]) for p in cell["prompts"]]
+        assert len(set(starts)) == len(starts)  # every prompt its own text
+
+
 def test_bench_spec_sampled_refuses_vllms_own_speculation():
     """vLLM 0.32's CPU rejection sampler samples its own speculation engines under
     uninitialised temperatures (vllm-project/vllm#55005): a sampled run refuses them,
@@ -381,6 +407,73 @@ def test_bench_spec_combine_reads_each_run_against_its_own_vanilla(tmp_path):
         combine([one, two], one)
     assert one.read_text() == before
     assert combine([one, two], out) == 0  # an earlier summary is rewritten
+
+
+def test_bench_spec_reads_every_engine_against_the_kernel_alone_per_repeat(tmp_path):
+    """Each row but the kernel alone's carries its decode tok/s over the kernel alone's in
+    the same repeat (drift that slows both cancels); a file saved before the column gets
+    it, and its note, when re-rendered."""
+    import json
+
+    from vllm_utio.benchmarking.speculative import KERNEL_ALONE, kernel_note, render
+
+    speeds = {"vanilla": 10.0, KERNEL_ALONE: 20.0, "spec-throttle-utio-kernel": 19.0}
+    path = _spec_run(tmp_path / "d" / "a" / "spec.json", speeds, repeats=2)
+    results = json.loads(path.read_text())
+    ratios = {r["engine"]: r["vs_kernel"] for r in results["summary"]}
+    assert ratios == {
+        "vanilla": [0.5, 0.5],
+        KERNEL_ALONE: None,
+        "spec-throttle-utio-kernel": pytest.approx([0.95, 0.95]),
+    }
+    for s in results["samples"]:  # the second repeat: UTIO's engines both half as fast
+        if s["repeat"] == 1 and s["engine"] != "vanilla":
+            s["decode_tok_s"] /= 2
+    for r in results["summary"]:  # as saved before the column
+        del r["vs_kernel"]
+    results["notes"].remove(kernel_note())
+    path.write_text(json.dumps(results))
+    assert render(path) == 0
+    saved = json.loads(path.read_text())
+    (spec,) = [r for r in saved["summary"] if r["engine"] == "spec-throttle-utio-kernel"]
+    assert spec["vs_kernel"] == pytest.approx([0.95, 0.95])
+    assert saved["notes"][-2] == kernel_note()
+    table = path.with_suffix(".md").read_text()
+    assert "| vanilla | 10.0 (10.0-10.0) | 1.00x | 0.50, 1.00 |" in table
+    assert f"| {KERNEL_ALONE} | 20.0 (20.0-20.0) | 2.00x | - |" in table  # the row as saved
+    assert "x | 0.95, 0.95 |" in table and f"- {kernel_note()}" in table
+
+
+def test_render_finds_each_rows_cell_where_cells_repeat(tmp_path):
+    """Runs saved before the per-repeat column could hold one cell twice (--short beside
+    --context-lens 512): re-rendered, each row reads its own cell's samples."""
+    import json
+
+    from vllm_utio.benchmarking.results import machine_info, version_info
+    from vllm_utio.benchmarking.speculative import KERNEL_ALONE, _results, _save, render
+
+    settings = {"model": "m", "dtype": "bfloat16", "block_size": 32, "output_len": 3}
+    settings |= {"repeats": 1, "tokens": 4, "temperature": 0.0, "interleaved": True}
+    cell = {"workload": "wikipedia", "context": 512, "batch": 1, "prompts": ["a"]}
+    cells = [cell, {**cell, "context": 64}, cell]
+    speeds = [(10.0, 20.0), (10.0, 10.0), (10.0, 40.0)]  # vanilla, kernel alone per cell
+    samples = [
+        {"wall_s": 1.0, "decode_tok_s": v, "drafts": 0, "draft_tokens": 0, "accepted": 0}
+        | {"draft_s": None, "payoff": None, "engine": name, "cell": c, "repeat": 0}
+        | {"identity": None, "tokens": [[1, 2, 3]]}
+        for c, pair in enumerate(speeds)
+        for name, v in zip(("vanilla", KERNEL_ALONE), pair, strict=True)
+    ]
+    path = tmp_path / "spec.json"
+    facts = {"machine": machine_info(), "versions": version_info()}
+    _save(path, _results(settings, facts, cells, samples, total=len(samples)))
+    results = json.loads(path.read_text())
+    for row in results["summary"]:
+        del row["vs_kernel"]
+    path.write_text(json.dumps(results))
+    assert render(path) == 0
+    vanilla = [r for r in json.loads(path.read_text())["summary"] if r["engine"] == "vanilla"]
+    assert [r["vs_kernel"] for r in vanilla] == [[0.5], [1.0], [0.25]]
 
 
 def test_identity_is_counted_over_every_repeat(tmp_path):

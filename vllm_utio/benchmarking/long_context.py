@@ -65,6 +65,8 @@ def long_prompts(
     the batch or length, so smaller batches and shorter contexts reuse cached prefixes."""
     if len(ids) < max_length:
         raise ValueError(f"text has {len(ids)} tokens, a prompt needs {max_length}")
+    if batch > max_batch:  # prompts past max_batch would start past the text's end
+        raise ValueError(f"{batch} prompts asked of a text cut for at most {max_batch}")
     stride = max(1, (len(ids) - max_length) // max(1, max_batch - 1))
     return [{"prompt_token_ids": list(ids[i * stride : i * stride + length])} for i in range(batch)]
 

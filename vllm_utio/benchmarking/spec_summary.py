@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from vllm_utio.benchmarking.results import cpu_label, median_present
-from vllm_utio.benchmarking.speculative import current_identity, describe_difference
+from vllm_utio.benchmarking.speculative import (
+    KERNEL_ALONE,
+    current_identity,
+    describe_difference,
+)
 
-KERNEL_ALONE = "utio-kernel"
 KIND = "self-speculation-summary"
 
 

@@ -53,6 +53,9 @@ SPEC_COUNTERS = {
     "draft_tokens": "vllm:spec_decode_num_draft_tokens",
     "accepted": "vllm:spec_decode_num_accepted_tokens",
 }
+SHORT_BATCHES = (1, 8)  # the --short workloads' batch sizes, whatever --batch-sizes says
+# what turning speculation on is read against: UTIO's decode kernel, no speculation
+KERNEL_ALONE = "utio-kernel"
 # a depth-skip draft: 20 of 30 layers (the layer-skip study's mildest useful cut)
 SKIP_BUCKET = {"name": "draft", "max_score": 0.01, "keep_first": 14, "keep_last": 6}
 
@@ -347,11 +350,34 @@ def tie_note() -> str:
     )
 
 
+def kernel_note() -> str:
+    return (
+        f"vs {KERNEL_ALONE}, per repeat: each repeat's decode tok/s over that repeat's "
+        f"{KERNEL_ALONE} (UTIO's decode kernel, no speculation), what turning speculation "
+        "on costs or gains; utio-kernel-twin beside it shows the spread between two "
+        "engines of one config"
+    )
+
+
 def render(path: Path) -> int:
     """Rewrite an earlier run's JSON and markdown under the current near-tie rule, its
-    table's identity counted over every repeat."""
+    table's identity counted over every repeat, each row with its ratios to the kernel
+    alone per repeat."""
     results = current_identity(json.loads(path.read_text()))
-    results["notes"] = [tie_note() if n.startswith("near tie:") else n for n in results["notes"]]
+    cells = [(c["workload"], c["context"], c["batch"]) for c in results["cells"]]
+    cell, seen = 0, set()
+    for row in results["summary"]:  # runs saved before the column; rows go cell by cell
+        key = (row["workload"], row["context"], row["batch"])
+        if key != cells[cell] or row["engine"] in seen:  # the next cell (keys may repeat)
+            cell = cells.index(key, cell + 1)
+            seen = set()
+        seen.add(row["engine"])
+        row["vs_kernel"] = per_repeat_ratios(results["samples"], cell, row["engine"], KERNEL_ALONE)
+    notes = [tie_note() if n.startswith("near tie:") else n for n in results["notes"]]
+    measured = any(row["vs_kernel"] for row in results["summary"])
+    if measured and kernel_note() not in notes:
+        notes.insert(len(notes) - 1, kernel_note())  # before the counters' note, as in a run
+    results["notes"] = notes
     path.write_text(json.dumps(results, indent=1))
     path.with_suffix(".md").write_text(markdown(results))
     print(markdown(results))
@@ -365,17 +391,21 @@ def workloads(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
     cells: list[dict[str, Any]] = []
     texts = [d["text"] for d in load_wiki_documents()]
     longest = max([*args.context_lens, 512])
-    ids = corpus_ids(tokenizer, texts, max(args.batch_sizes) * longest)
+    # the short cells' batches too: a corpus cut for fewer prompts leaves the rest empty
+    widest = max([*args.batch_sizes, *(SHORT_BATCHES if args.short else ())])
+    ids = corpus_ids(tokenizer, texts, widest * longest)
     for ctx in args.context_lens:
         for batch in args.batch_sizes:
-            prompts = long_prompts(ids, batch, ctx, max(args.batch_sizes), longest)
+            prompts = long_prompts(ids, batch, ctx, widest, longest)
             cells.append(
                 {"workload": "wikipedia", "context": ctx, "batch": batch, "prompts": prompts}
             )
     if args.short:
-        for batch in (1, 8):
+        for batch in SHORT_BATCHES:
             for length in (64, 512):
-                prompts = long_prompts(ids, batch, length, max(args.batch_sizes), longest)
+                if length in args.context_lens and batch in args.batch_sizes:
+                    continue  # that cell is above already
+                prompts = long_prompts(ids, batch, length, widest, longest)
                 cells.append(
                     {"workload": "wikipedia", "context": length, "batch": batch, "prompts": prompts}
                 )
@@ -418,6 +448,7 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
                     "tok_s_min": min(s["decode_tok_s"] or 0 for s in group),
                     "tok_s_max": max(s["decode_tok_s"] or 0 for s in group),
                     "speedup": tok_s / base if tok_s and base else None,
+                    "vs_kernel": per_repeat_ratios(samples, c, name, KERNEL_ALONE),
                     "acceptance": accepted / draft_tokens if draft_tokens else None,
                     "tokens_per_verification": 1 + accepted / drafts if drafts else None,
                     "draft_tokens_per_output": draft_tokens
@@ -427,6 +458,27 @@ def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> lis
                 }
             )
     return rows
+
+
+def per_repeat_ratios(
+    samples: list[dict[str, Any]], cell: int, engine: str, base: str
+) -> list[float] | None:
+    """``engine``'s decode tok/s over ``base``'s in each repeat of ``cell``, repeat by
+    repeat (with --interleave, the same turn: machine drift cancels, the spread between
+    two engines does not); None for ``base`` itself or where it did not run."""
+    if engine == base:
+        return None
+    ref = {
+        s["repeat"]: s["decode_tok_s"]
+        for s in samples
+        if s["cell"] == cell and s["engine"] == base and s["decode_tok_s"]
+    }
+    got = sorted(
+        (s["repeat"], s["decode_tok_s"] / ref[s["repeat"]])
+        for s in samples
+        if s["cell"] == cell and s["engine"] == engine and s["decode_tok_s"] and s["repeat"] in ref
+    )
+    return [ratio for _, ratio in got] or None
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -446,10 +498,11 @@ def markdown(results: dict[str, Any]) -> str:
             else []
         ),
         "",
-        "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla | acceptance "
+        "| workload | context | batch | engine | decode tok/s (min-max) | vs vanilla "
+        f"| vs {KERNEL_ALONE}, per repeat | acceptance "
         "| tokens / verification | drafts / output token | drafting, share of wall time "
         "| identical to vanilla (all repeats) | near ties | other mismatches |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: float | None, fmt: str = "{:.2f}") -> str:
@@ -459,7 +512,8 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {r['workload']} | {r['context'] or '-'} | {r['batch']} | {r['engine']} | "
             f"{f(r['decode_tok_s'], '{:.1f}')} ({r['tok_s_min']:.1f}-{r['tok_s_max']:.1f}) | "
-            f"{f(r['speedup'])}x | {f(r['acceptance'])} | {f(r['tokens_per_verification'])} | "
+            f"{f(r['speedup'])}x | {_ratios(r.get('vs_kernel'))} | {f(r['acceptance'])} | "
+            f"{f(r['tokens_per_verification'])} | "
             f"{f(r['draft_tokens_per_output'])} | {f(r.get('draft_share'), '{:.0%}')} | "
             f"{_identity_cells(r['identity'])} |"
         )
@@ -468,6 +522,10 @@ def markdown(results: dict[str, Any]) -> str:
     if differing:
         lines += ["Outputs that differ from vanilla's reference run:", "", *differing, ""]
     return "\n".join(lines)
+
+
+def _ratios(ratios: list[float] | None) -> str:
+    return "-" if not ratios else ", ".join(f"{x:.2f}" for x in ratios)
 
 
 def _differing(row: dict[str, Any]) -> str | None:
@@ -822,6 +880,7 @@ def _results(
                 if len(samples) == total
                 else [f"stopped part way: {len(samples)} of {total} runs measured"]
             ),
+            *([kernel_note()] if KERNEL_ALONE in settings.get("engines", {}) else []),
             "acceptance = accepted / draft tokens, tokens / verification = 1 + accepted / "
             "drafts (vLLM's spec-decode counters); drafts / output token: draft tokens "
             "proposed per generated token (the adaptive rule drafts less where it does not pay)",
