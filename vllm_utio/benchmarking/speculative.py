@@ -364,15 +364,10 @@ def render(path: Path) -> int:
     table's identity counted over every repeat, each row with its ratios to the kernel
     alone per repeat."""
     results = current_identity(json.loads(path.read_text()))
-    cells = [(c["workload"], c["context"], c["batch"]) for c in results["cells"]]
-    cell, seen = 0, set()
-    for row in results["summary"]:  # runs saved before the column; rows go cell by cell
-        key = (row["workload"], row["context"], row["batch"])
-        if key != cells[cell] or row["engine"] in seen:  # the next cell (keys may repeat)
-            cell = cells.index(key, cell + 1)
-            seen = set()
-        seen.add(row["engine"])
-        row["vs_kernel"] = per_repeat_ratios(results["samples"], cell, row["engine"], KERNEL_ALONE)
+    samples = results["samples"]
+    keys = row_keys(samples, len(results["cells"]))  # runs saved before the column
+    for row, (cell, name) in zip(results["summary"], keys, strict=True):
+        row["vs_kernel"] = per_repeat_ratios(samples, cell, name, KERNEL_ALONE)
     notes = [tie_note() if n.startswith("near tie:") else n for n in results["notes"]]
     measured = any(row["vs_kernel"] for row in results["summary"])
     if measured and kernel_note() not in notes:
@@ -416,47 +411,53 @@ def workloads(args: argparse.Namespace, tokenizer: Any) -> list[dict[str, Any]]:
     return cells
 
 
+def row_keys(samples: list[dict[str, Any]], cells: int) -> list[tuple[int, str]]:
+    """(cell, engine) of each table row, in the table's order: cell by cell, each cell's
+    engines in the order engines first ran, only those that ran in it."""
+    ran = {(s["cell"], s["engine"]) for s in samples}
+    engines = dict.fromkeys(s["engine"] for s in samples)
+    return [(c, name) for c in range(cells) for name in engines if (c, name) in ran]
+
+
 def summarize(samples: list[dict[str, Any]], cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
-    for c, cell in enumerate(cells):
+    for c, name in row_keys(samples, len(cells)):
+        cell = cells[c]
         base = median_present(
             [s["decode_tok_s"] for s in samples if s["cell"] == c and s["engine"] == "vanilla"]
         )
-        for name in dict.fromkeys(s["engine"] for s in samples):
-            group = [s for s in samples if s["cell"] == c and s["engine"] == name]
-            if not group:
-                continue
-            tok_s = median_present([s["decode_tok_s"] for s in group])
-            drafts = sum(s["drafts"] for s in group)
-            draft_tokens = sum(s["draft_tokens"] for s in group)
-            accepted = sum(s["accepted"] for s in group)
-            drafting = [s.get("draft_s") for s in group]
-            draft_share = (
-                # of the generate call's wall time: drafting also runs in the step that
-                # yields a request's first token, before decode time starts
-                sum(drafting) / sum(s["wall_s"] for s in group)
-                if all(d is not None for d in drafting)
-                else None
-            )
-            rows.append(
-                {
-                    "engine": name,
-                    "workload": cell["workload"],
-                    "context": cell["context"],
-                    "batch": cell["batch"],
-                    "decode_tok_s": tok_s,
-                    "tok_s_min": min(s["decode_tok_s"] or 0 for s in group),
-                    "tok_s_max": max(s["decode_tok_s"] or 0 for s in group),
-                    "speedup": tok_s / base if tok_s and base else None,
-                    "vs_kernel": per_repeat_ratios(samples, c, name, KERNEL_ALONE),
-                    "acceptance": accepted / draft_tokens if draft_tokens else None,
-                    "tokens_per_verification": 1 + accepted / drafts if drafts else None,
-                    "draft_tokens_per_output": draft_tokens
-                    / max(1, sum(len(t) for s in group for t in s["tokens"])),
-                    "draft_share": draft_share,
-                    "identity": pooled_identity(group),
-                }
-            )
+        group = [s for s in samples if s["cell"] == c and s["engine"] == name]
+        tok_s = median_present([s["decode_tok_s"] for s in group])
+        drafts = sum(s["drafts"] for s in group)
+        draft_tokens = sum(s["draft_tokens"] for s in group)
+        accepted = sum(s["accepted"] for s in group)
+        drafting = [s.get("draft_s") for s in group]
+        draft_share = (
+            # of the generate call's wall time: drafting also runs in the step that
+            # yields a request's first token, before decode time starts
+            sum(drafting) / sum(s["wall_s"] for s in group)
+            if all(d is not None for d in drafting)
+            else None
+        )
+        rows.append(
+            {
+                "engine": name,
+                "workload": cell["workload"],
+                "context": cell["context"],
+                "batch": cell["batch"],
+                "decode_tok_s": tok_s,
+                "tok_s_min": min(s["decode_tok_s"] or 0 for s in group),
+                "tok_s_max": max(s["decode_tok_s"] or 0 for s in group),
+                "speedup": tok_s / base if tok_s and base else None,
+                "vs_kernel": per_repeat_ratios(samples, c, name, KERNEL_ALONE),
+                "acceptance": accepted / draft_tokens if draft_tokens else None,
+                "tokens_per_verification": 1 + accepted / drafts if drafts else None,
+                "draft_tokens_per_output": draft_tokens
+                / max(1, sum(len(t) for s in group for t in s["tokens"])),
+                "draft_share": draft_share,
+                "identity": pooled_identity(group),
+            }
+        )
     return rows
 
 
